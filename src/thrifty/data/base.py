@@ -1,0 +1,158 @@
+"""One dataset abstraction for every source: samples + labels + a split protocol.
+
+A `TaskData` holds named splits (torch Datasets yielding `(inputs, label)`), `num_classes` and the protocol that
+says which split trains, which tunes and which reports:
+
+- protocol "1k" (VTAB-1K): train on `train800val200`, report `test`; tune on `train800`, select on `val200`.
+- protocol "full": train on `train`, report `test`, tune/select on `val` when present.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from thrifty.backbones.preprocess import ImagePreprocess, TextPreprocess
+from thrifty.errors import DataError
+
+
+PROTOCOLS = {
+    "1k": {"train": "train800val200", "test": "test", "tune_train": "train800", "val": "val200"},
+    "full": {"train": "train", "test": "test", "tune_train": "train", "val": "val"},
+}
+
+
+class LabelledDataset(Dataset):
+    """Base: `labels` is an int64 array; `__getitem__` returns `(inputs, label)`."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Sequence[int]) -> LabelledDataset:
+        return Subset(self, np.asarray(indices, dtype=np.int64))
+
+    def fingerprint(self) -> str:
+        """Identifies the samples (not the preprocessing): used by feature caches."""
+        import hashlib
+
+        return hashlib.sha256(np.ascontiguousarray(self.labels).tobytes() + self._sample_key()).hexdigest()[:16]
+
+    def _sample_key(self) -> bytes:
+        return str(len(self)).encode()
+
+
+class Subset(LabelledDataset):
+    def __init__(self, base: LabelledDataset, indices: np.ndarray):
+        self.base, self.indices = base, indices
+        self.labels = base.labels[indices]
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.base[int(self.indices[i])]
+
+    def _sample_key(self) -> bytes:
+        return self.base._sample_key() + self.indices.tobytes()
+
+
+class ArrayImageDataset(LabelledDataset):
+    """Images held as a uint8 array (N, H, W[, C]); resized/normalized on access with the backbone's preprocess."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, preprocess: ImagePreprocess, source: str = ""):
+        if len(images) != len(labels):
+            raise DataError(f"{source}: {len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.preprocess, self.source = images, np.asarray(labels, np.int64), preprocess, source
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.preprocess.from_uint8(self.images[i : i + 1])[0], int(self.labels[i])
+
+    def _sample_key(self) -> bytes:
+        return self.source.encode() + str(self.images.shape).encode()
+
+
+class FileImageDataset(LabelledDataset):
+    """Images on disk (VTAB-1K, image folders); a missing or unreadable file raises DataError naming it."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], preprocess: ImagePreprocess):
+        self.paths, self.labels, self.preprocess = list(paths), np.asarray(labels, np.int64), preprocess
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.paths[i]
+        try:
+            with Image.open(path) as img:
+                return self.preprocess.from_pil(img), int(self.labels[i])
+        except FileNotFoundError as exc:
+            raise DataError(f"image {path} is missing; re-create the dataset folder or fix the split file") from exc
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"image {path} is unreadable ({exc}); replace or remove it") from exc
+
+    def _sample_key(self) -> bytes:
+        return "\n".join(os.path.relpath(p, os.path.dirname(os.path.dirname(p))) for p in self.paths).encode()
+
+
+class TextDataset(LabelledDataset):
+    """Texts tokenized once, up front, with the backbone's tokenizer; items are ({input_ids, attention_mask}, y)."""
+
+    def __init__(self, texts: Sequence[str], labels: Sequence[int], preprocess: TextPreprocess, source: str = ""):
+        if len(texts) != len(labels):
+            raise DataError(f"{source}: {len(texts)} texts but {len(labels)} labels")
+        self.texts, self.labels, self.preprocess, self.source = list(texts), np.asarray(labels, np.int64), preprocess, source
+        self._enc: dict[str, torch.Tensor] | None = None
+
+    def _encoded(self) -> dict[str, torch.Tensor]:
+        if self._enc is None:
+            self._enc = self.preprocess(self.texts) if self.texts else {}
+        return self._enc
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+        enc = self._encoded()
+        return {k: v[i] for k, v in enc.items()}, int(self.labels[i])
+
+    def _sample_key(self) -> bytes:
+        import hashlib
+
+        return self.source.encode() + hashlib.sha256("\x00".join(self.texts).encode()).digest()
+
+
+@dataclass
+class TaskData:
+    """A task: named splits, class count, and the protocol that maps roles (train/test/val) to splits."""
+
+    name: str
+    splits: dict[str, LabelledDataset]
+    num_classes: int
+    protocol: str = "full"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise DataError(f"unknown protocol {self.protocol!r}; use one of {sorted(PROTOCOLS)}")
+        for split, ds in self.splits.items():
+            if len(ds) == 0:
+                raise DataError(f"{self.name}: split {split!r} is empty")
+            bad = (ds.labels < 0) | (ds.labels >= self.num_classes)
+            if bad.any():
+                raise DataError(f"{self.name}: split {split!r} has labels outside [0, {self.num_classes}): "
+                                f"{sorted(set(ds.labels[bad].tolist()))[:5]}; fix the labels or num_classes")
+
+    def split(self, role: str) -> LabelledDataset:
+        """The split playing `role` ('train', 'test', 'tune_train', 'val') under this task's protocol."""
+        name = PROTOCOLS[self.protocol][role]
+        if name not in self.splits:
+            raise DataError(f"{self.name}: no {name!r} split for role {role!r} (protocol {self.protocol})")
+        return self.splits[name]
+
+    def has(self, role: str) -> bool:
+        return PROTOCOLS[self.protocol][role] in self.splits
+
+    def describe(self) -> dict[str, Any]:
+        return {"data": self.name, "protocol": self.protocol, "num_classes": self.num_classes,
+                "split_sizes": {k: len(v) for k, v in self.splits.items()}, **self.meta}

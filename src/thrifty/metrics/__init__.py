@@ -1,0 +1,25 @@
+"""Measurement kit: the same meters for every method."""
+
+from thrifty.metrics.env import environment
+from thrifty.metrics.memory import (
+    cpu_peak_growth,
+    peak_step_memory_subprocess,
+    saved_activation_bytes,
+    training_step,
+)
+
+
+def accuracy(logits, labels) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def dir_bytes(path: str, names: tuple[str, ...] = ("adapter_model.safetensors",)) -> int:
+    """Bytes on disk of the named files in `path` (the saved adapter)."""
+    import os
+
+    return sum(os.path.getsize(os.path.join(path, n)) for n in names if os.path.isfile(os.path.join(path, n)))
+
+
+__all__ = ["accuracy", "cpu_peak_growth", "dir_bytes", "environment", "peak_step_memory_subprocess",
+           "saved_activation_bytes", "training_step"]

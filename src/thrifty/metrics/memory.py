@@ -1,0 +1,106 @@
+"""Memory measurements: bytes saved for backward (deterministic) and peak memory of one training step.
+
+`saved_activation_bytes` counts, with `torch.autograd.graph.saved_tensors_hooks`, every tensor autograd keeps
+for the backward pass during one forward, de-duplicated by storage, *excluding parameters* (a frozen weight kept
+to compute input gradients is not an activation). It is exact and device independent.
+
+Peak memory: on CUDA `torch.cuda.max_memory_allocated` around the step. On CPU, the step runs in a fresh process
+(`python -m thrifty.metrics.peak_worker`) and we report the growth of its peak resident set (VmHWM, reset through
+/proc/self/clear_refs just before the step) over its resident set before the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    try:
+        s = t.untyped_storage()
+        return (s.data_ptr(), s.nbytes())
+    except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some views)
+        return (id(t), t.numel() * t.element_size())
+
+
+def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the non-parameter tensors saved for backward while `run()` computes a loss."""
+    param_keys = {_storage_key(p) for p in model.parameters()}
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in param_keys:
+            seen[key] = key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return int(sum(seen.values()))
+
+
+def training_step(model: nn.Module, inputs: Any, labels: torch.Tensor, optimizer: torch.optim.Optimizer | None):
+    """One forward/backward/update, as the training loop does it."""
+    loss = nn.functional.cross_entropy(model(inputs), labels)
+    if loss.requires_grad:
+        loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def cuda_peak_step_bytes(model: nn.Module, inputs: Any, labels: torch.Tensor, optimizer) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    training_step(model, inputs, labels, optimizer)
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_growth(step: Callable[[], Any]) -> int:
+    """Peak RSS growth (bytes) while `step()` runs in this process; call it in a fresh process."""
+    import gc
+
+    gc.collect()
+    if not reset_peak_rss():
+        raise OSError("cannot reset the peak RSS (/proc/self/clear_refs); peak memory is unavailable here")
+    before = _status_kb("VmRSS")
+    step()
+    return max(0, (_status_kb("VmHWM") - before) * 1024)
+
+
+def peak_step_memory_subprocess(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
+    """Run `thrifty.metrics.peak_worker` on `spec` in a fresh process; returns its JSON answer."""
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-m", "thrifty.metrics.peak_worker"], input=json.dumps(spec),
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak-memory worker failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

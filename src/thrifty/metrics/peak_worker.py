@@ -1,0 +1,54 @@
+"""Fresh-process worker: build backbone + method from a JSON spec on stdin, run one warm-up step, then measure
+one training step (peak memory growth, seconds, saved bytes) and print a JSON line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.read())
+    from thrifty.backbones import load_backbone
+    from thrifty.metrics.memory import cpu_peak_growth, cuda_peak_step_bytes, saved_activation_bytes, training_step
+    from thrifty.train.optim import build_optimizer
+    from thrifty.tuners import get_tuned_model, make_config
+
+    torch.manual_seed(spec.get("seed", 0))
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec.get("device", "cpu"))
+    bb = load_backbone(spec["backbone"], pretrained=spec.get("pretrained", False), max_length=spec.get("max_length"),
+                       image_size=spec.get("image_size"))
+    model = get_tuned_model(bb, make_config(spec["method"], spec.get("overrides", {})), spec["num_classes"])
+    model.to(device).train()
+    inputs = bb.random_inputs(spec["batch_size"], seed=spec.get("seed", 0))
+    inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
+    labels = torch.randint(0, spec["num_classes"], (spec["batch_size"],), device=device)
+    opt = build_optimizer(model, 1e-4, 0.0)
+    saved = saved_activation_bytes(model, lambda: training_step(model, inputs, labels, None))
+    opt.zero_grad(set_to_none=True)
+    training_step(model, inputs, labels, opt)  # warm-up: allocates optimizer state and grad buffers
+    t0 = time.perf_counter()
+    if device.type == "cuda":
+        peak = cuda_peak_step_bytes(model, inputs, labels, opt)
+    else:
+        peak = cpu_peak_growth(lambda: training_step(model, inputs, labels, opt))
+    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(int(spec.get("timed_steps", 1))):
+        training_step(model, inputs, labels, opt)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    step_seconds = (time.perf_counter() - t0) / max(1, int(spec.get("timed_steps", 1)))
+    print(json.dumps({"saved_activation_bytes": saved, "peak_memory_bytes": peak,
+                      "step_seconds": step_seconds if spec.get("timed_steps", 1) else seconds,
+                      "trainable_params": model.num_trainable(),
+                      "adapter_params": model.num_trainable(include_head=False)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""`TunedModel`: one frozen upstream backbone + a method's few trainable modules + a classification head.
+
+Two kinds of method share it:
+- injected methods (lora, adaptformer, full) change the backbone in place and backpropagate through it;
+- side methods (linear, later last/dtl) run the backbone under `torch.no_grad()`; its outputs are data.
+
+Files (PEFT format): `adapter_config.json` + `adapter_model.safetensors` holding only trainable weights, keys
+`base_model.model.<path in the upstream model>` for adapter weights and `head.weight`/`head.bias` for the head.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from thrifty.backbones import Backbone, Inputs
+from thrifty.errors import CheckpointError
+from thrifty.io import load_tensors, read_json, save_tensors, write_json
+from thrifty.tuners.config import TunerConfig
+
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+class TunedModel(nn.Module):
+    """Backbone + method + head. Subclasses implement `_setup()` and, for side methods, `features()`."""
+
+    side: ClassVar[bool] = False  # True: the backbone runs under no_grad (nothing saved for backward inside it)
+    train_backbone_mode: ClassVar[bool] = False  # True: BatchNorm/dropout of the backbone follow train()
+
+    def __init__(self, backbone: Backbone, config: TunerConfig, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        self.num_classes = num_classes
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        nn.init.zeros_(self.head.bias)
+        self.backbone.freeze_()
+        self._setup()
+
+    def _setup(self) -> None:
+        """Inject adapters / build side modules. Parameters created here are trainable."""
+
+    # --- forward -------------------------------------------------------------------------------------------
+    def features(self, x: Inputs) -> torch.Tensor:
+        """(B, D) features fed to the head."""
+        if self.side:
+            with torch.no_grad():
+                return self.backbone.forward_features(x)
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: Inputs) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, num_classes)
+
+    def train(self, mode: bool = True) -> TunedModel:
+        super().train(mode)
+        if mode and not self.train_backbone_mode:  # frozen backbone: keep its BatchNorm stats and dropout fixed
+            self.backbone.eval()
+            for m in self.adapter_modules():
+                m.train(True)
+        return self
+
+    def adapter_modules(self) -> list[nn.Module]:
+        """Modules inside the backbone that must follow train() (e.g. LoRA dropout)."""
+        return []
+
+    # --- parameters ----------------------------------------------------------------------------------------
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def num_trainable(self, include_head: bool = True) -> int:
+        return sum(p.numel() for n, p in self.trainable_named_parameters() if include_head or not n.startswith("head."))
+
+    def num_total(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's format."""
+        t, a = self.num_trainable(), self.num_total()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / a:.4f}")
+
+    # --- state ---------------------------------------------------------------------------------------------
+    def _file_key(self, name: str) -> str:
+        if name.startswith("backbone.model."):
+            return PREFIX + name[len("backbone.model."):]
+        return name
+
+    def _module_key(self, key: str) -> str:
+        if key.startswith(PREFIX):
+            return "backbone.model." + key[len(PREFIX):]
+        return key
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only trainable weights (plus persistent buffers of methods that own them), PEFT-style keys."""
+        return {self._file_key(n): p.detach() for n, p in self.trainable_named_parameters()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        own = dict(self.trainable_named_parameters())
+        wanted = {self._file_key(n) for n in own}
+        missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - wanted)
+        if missing or unexpected:
+            raise CheckpointError(f"{source} does not fit this model ({self.config.method} on {self.backbone.name}): "
+                                  f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                p = params[self._module_key(key)]
+                if p.shape != value.shape:
+                    raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, model expects "
+                                          f"{tuple(p.shape)}; it was saved for another backbone or num_classes")
+                p.copy_(value)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write adapter_config.json + adapter_model.safetensors (atomically)."""
+        os.makedirs(directory, exist_ok=True)
+        cfg = self.config.to_dict()
+        cfg.update(inference_mode=True, base_model_name_or_path=self.backbone.name, num_classes=self.num_classes,
+                   backbone_checkpoint_hash=self.backbone.checkpoint_hash, backbone_source=self.backbone.source)
+        save_tensors(os.path.join(directory, WEIGHTS_NAME), self.adapter_state_dict(),
+                     {"method": self.config.method, "backbone": self.backbone.name})
+        write_json(os.path.join(directory, CONFIG_NAME), cfg)
+
+    @classmethod
+    def from_pretrained(cls, backbone: Backbone, directory: str, is_trainable: bool = False) -> TunedModel:
+        """Rebuild the method on `backbone` and load the saved weights; refuses files made for another backbone."""
+        from thrifty.tuners.registry import get_method
+
+        cfg = read_json(os.path.join(directory, CONFIG_NAME))
+        saved = cfg.get("base_model_name_or_path")
+        if saved and saved != backbone.name:
+            raise CheckpointError(f"adapter in {directory} was trained on backbone {saved!r}, not {backbone.name!r}; "
+                                  f"load it with --backbone {saved}")
+        saved_hash = cfg.get("backbone_checkpoint_hash")
+        if saved_hash and backbone.checkpoint_hash and saved_hash != backbone.checkpoint_hash:
+            raise CheckpointError(f"adapter in {directory} was trained on other weights of {backbone.name} "
+                                  f"(hash {saved_hash} != {backbone.checkpoint_hash}); pass the same checkpoint")
+        config_cls, model_cls = get_method(cfg["method"])
+        config = config_cls.from_dict({k: v for k, v in cfg.items() if k not in _SAVED_EXTRA})
+        model = model_cls(backbone, config, int(cfg["num_classes"]))
+        model.load_adapter_state_dict(load_tensors(os.path.join(directory, WEIGHTS_NAME)), directory)
+        if not is_trainable:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.eval()
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.config.method, "config": self.config.to_dict(),
+                "trainable_params": self.num_trainable(), "adapter_params": self.num_trainable(include_head=False),
+                "head_params": sum(p.numel() for p in self.head.parameters()), "total_params": self.num_total()}
+
+
+_SAVED_EXTRA = {"base_model_name_or_path", "num_classes", "backbone_checkpoint_hash", "backbone_source"}
