@@ -2,9 +2,9 @@
 
 __version__ = "0.1.0"
 
-from thrifty.backbones import Backbone, load_backbone  # noqa: E402
-from thrifty.data import TaskData, load_data  # noqa: E402
-from thrifty.tuners import (  # noqa: E402
+from thrifty.backbones import Backbone, load_backbone
+from thrifty.data import TaskData, load_data
+from thrifty.tuners import (
     TunedModel,
     available_methods,
     get_tuned_model,
@@ -15,6 +15,15 @@ from thrifty.tuners import (  # noqa: E402
 
 
 __all__ = [
-    "Backbone", "TaskData", "TunedModel", "__version__", "available_methods", "get_tuned_model", "load_backbone",
-    "load_data", "load_tuned_model", "make_config", "register_method",
+    "Backbone",
+    "TaskData",
+    "TunedModel",
+    "__version__",
+    "available_methods",
+    "get_tuned_model",
+    "load_backbone",
+    "load_data",
+    "load_tuned_model",
+    "make_config",
+    "register_method",
 ]

@@ -10,8 +10,14 @@ from thrifty.errors import SpecError
 PACKAGED_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "all-minilm-l6-v2": None}
 
 
-def load_backbone(spec: str, *, checkpoint: str | None = None, pretrained: bool | None = None,
-                  image_size: int | None = None, max_length: int | None = None) -> Backbone:
+def load_backbone(
+    spec: str,
+    *,
+    checkpoint: str | None = None,
+    pretrained: bool | None = None,
+    image_size: int | None = None,
+    max_length: int | None = None,
+) -> Backbone:
     """Resolve a backbone spec and freeze it.
 
     Specs: `timm:<model name>` (e.g. `timm:vit_base_patch16_224.orig_in21k`), `hf:<id or local dir>`,
@@ -25,8 +31,9 @@ def load_backbone(spec: str, *, checkpoint: str | None = None, pretrained: bool 
     elif spec in ("minilm", "all-minilm-l6-v2"):
         from thrifty.backbones.hf_encoder import load_hf_encoder, minilm_path
 
-        bb = load_hf_encoder(minilm_path(), checkpoint=checkpoint, pretrained=pretrained,
-                             max_length=max_length or 128, alias="minilm")
+        bb = load_hf_encoder(
+            minilm_path(), checkpoint=checkpoint, pretrained=pretrained, max_length=max_length or 128, alias="minilm"
+        )
     elif spec.startswith("hf:"):
         from thrifty.backbones.hf_encoder import load_hf_encoder
 
@@ -38,8 +45,9 @@ def load_backbone(spec: str, *, checkpoint: str | None = None, pretrained: bool 
             raise SpecError("efficientnet-lite0 loads its packaged weights; --checkpoint is not supported for it")
         bb = load_efficientnet_lite0(pretrained=pretrained, image_size=image_size)
     else:
-        raise SpecError(f"unknown backbone spec {spec!r}; use timm:<name>, hf:<id or path>, minilm or "
-                        "efficientnet-lite0")
+        raise SpecError(
+            f"unknown backbone spec {spec!r}; use timm:<name>, hf:<id or path>, minilm or efficientnet-lite0"
+        )
     return bb.freeze_().eval()
 
 

@@ -116,9 +116,15 @@ class Backbone(nn.Module):
         return self.preprocess.random_inputs(batch_size, torch.Generator().manual_seed(seed))
 
     def describe(self) -> dict[str, Any]:
-        return {"backbone": self.name, "kind": self.kind, "source": self.source,
-                "checkpoint_hash": self.checkpoint_hash, "num_features": self.num_features,
-                "num_blocks": len(self.blocks), "preprocess": self.preprocess.describe()}
+        return {
+            "backbone": self.name,
+            "kind": self.kind,
+            "source": self.source,
+            "checkpoint_hash": self.checkpoint_hash,
+            "num_features": self.num_features,
+            "num_blocks": len(self.blocks),
+            "preprocess": self.preprocess.describe(),
+        }
 
     def freeze_(self) -> Backbone:
         for p in self.parameters():

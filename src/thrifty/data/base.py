@@ -67,7 +67,12 @@ class ArrayImageDataset(LabelledDataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, preprocess: ImagePreprocess, source: str = ""):
         if len(images) != len(labels):
             raise DataError(f"{source}: {len(images)} images but {len(labels)} labels")
-        self.images, self.labels, self.preprocess, self.source = images, np.asarray(labels, np.int64), preprocess, source
+        self.images, self.labels, self.preprocess, self.source = (
+            images,
+            np.asarray(labels, np.int64),
+            preprocess,
+            source,
+        )
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.preprocess.from_uint8(self.images[i : i + 1])[0], int(self.labels[i])
@@ -104,7 +109,12 @@ class TextDataset(LabelledDataset):
     def __init__(self, texts: Sequence[str], labels: Sequence[int], preprocess: TextPreprocess, source: str = ""):
         if len(texts) != len(labels):
             raise DataError(f"{source}: {len(texts)} texts but {len(labels)} labels")
-        self.texts, self.labels, self.preprocess, self.source = list(texts), np.asarray(labels, np.int64), preprocess, source
+        self.texts, self.labels, self.preprocess, self.source = (
+            list(texts),
+            np.asarray(labels, np.int64),
+            preprocess,
+            source,
+        )
         self._enc: dict[str, torch.Tensor] | None = None
 
     def _encoded(self) -> dict[str, torch.Tensor]:
@@ -140,8 +150,10 @@ class TaskData:
                 raise DataError(f"{self.name}: split {split!r} is empty")
             bad = (ds.labels < 0) | (ds.labels >= self.num_classes)
             if bad.any():
-                raise DataError(f"{self.name}: split {split!r} has labels outside [0, {self.num_classes}): "
-                                f"{sorted(set(ds.labels[bad].tolist()))[:5]}; fix the labels or num_classes")
+                raise DataError(
+                    f"{self.name}: split {split!r} has labels outside [0, {self.num_classes}): "
+                    f"{sorted(set(ds.labels[bad].tolist()))[:5]}; fix the labels or num_classes"
+                )
 
     def split(self, role: str) -> LabelledDataset:
         """The split playing `role` ('train', 'test', 'tune_train', 'val') under this task's protocol."""
@@ -154,5 +166,10 @@ class TaskData:
         return PROTOCOLS[self.protocol][role] in self.splits
 
     def describe(self) -> dict[str, Any]:
-        return {"data": self.name, "protocol": self.protocol, "num_classes": self.num_classes,
-                "split_sizes": {k: len(v) for k, v in self.splits.items()}, **self.meta}
+        return {
+            "data": self.name,
+            "protocol": self.protocol,
+            "num_classes": self.num_classes,
+            "split_sizes": {k: len(v) for k, v in self.splits.items()},
+            **self.meta,
+        }

@@ -38,8 +38,9 @@ def _quota(counts: np.ndarray, n: int, balanced: bool) -> np.ndarray:
     return quota
 
 
-def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator, balanced: bool = False,
-                      num_classes: int | None = None) -> np.ndarray:
+def stratified_sample(
+    labels: np.ndarray, n: int, rng: np.random.Generator, balanced: bool = False, num_classes: int | None = None
+) -> np.ndarray:
     """Indices of `n` samples drawn per class (see module docstring), in random order."""
     labels = np.asarray(labels)
     k = int(num_classes or labels.max() + 1)
@@ -49,9 +50,16 @@ def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator, bala
     return rng.permutation(np.concatenate(picks)) if picks else np.zeros(0, np.int64)
 
 
-def few_sample_splits(train_labels: np.ndarray, test_labels: np.ndarray | None = None, *, n_train: int = 800,
-                      n_val: int = 200, n_test: int | None = None, seed: int = 0,
-                      balanced: bool = False) -> dict[str, np.ndarray]:
+def few_sample_splits(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray | None = None,
+    *,
+    n_train: int = 800,
+    n_val: int = 200,
+    n_test: int | None = None,
+    seed: int = 0,
+    balanced: bool = False,
+) -> dict[str, np.ndarray]:
     """Index arrays for the 1k protocol. `test` indexes `test_labels` (or the rest of the training pool, if None)."""
     train_labels = np.asarray(train_labels)
     rng = np.random.default_rng(seed)
@@ -70,5 +78,9 @@ def few_sample_splits(train_labels: np.ndarray, test_labels: np.ndarray | None =
         test_labels = np.asarray(test_labels)
         n = len(test_labels) if n_test is None else n_test
         test = stratified_sample(test_labels, n, rng, balanced, k)
-    return {"train800": np.sort(train800), "val200": np.sort(val200),
-            "train800val200": np.sort(pick), "test": np.sort(test)}
+    return {
+        "train800": np.sort(train800),
+        "val200": np.sort(val200),
+        "train800val200": np.sort(pick),
+        "test": np.sort(test),
+    }

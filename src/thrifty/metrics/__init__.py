@@ -21,5 +21,12 @@ def dir_bytes(path: str, names: tuple[str, ...] = ("adapter_model.safetensors",)
     return sum(os.path.getsize(os.path.join(path, n)) for n in names if os.path.isfile(os.path.join(path, n)))
 
 
-__all__ = ["accuracy", "cpu_peak_growth", "dir_bytes", "environment", "peak_step_memory_subprocess",
-           "saved_activation_bytes", "training_step"]
+__all__ = [
+    "accuracy",
+    "cpu_peak_growth",
+    "dir_bytes",
+    "environment",
+    "peak_step_memory_subprocess",
+    "saved_activation_bytes",
+    "training_step",
+]

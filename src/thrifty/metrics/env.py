@@ -19,8 +19,13 @@ def _version(pkg: str) -> str | None:
 
 def git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=__file__.rsplit("/src/", 1)[0])
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=__file__.rsplit("/src/", 1)[0],
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -29,9 +34,13 @@ def git_sha() -> str | None:
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     info = {
-        "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
-        "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
-        "device": str(device), "git_sha": git_sha(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": __import__("os").cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "git_sha": git_sha(),
         "versions": {p: _version(p) for p in ("thrifty", "torch", "timm", "transformers", "numpy", "safetensors")},
     }
     if device.type == "cuda" and torch.cuda.is_available():

@@ -99,8 +99,14 @@ def cpu_peak_growth(step: Callable[[], Any]) -> int:
 def peak_step_memory_subprocess(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run `thrifty.metrics.peak_worker` on `spec` in a fresh process; returns its JSON answer."""
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-m", "thrifty.metrics.peak_worker"], input=json.dumps(spec),
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "thrifty.metrics.peak_worker"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory worker failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

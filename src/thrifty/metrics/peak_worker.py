@@ -21,8 +21,12 @@ def main() -> None:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec.get("device", "cpu"))
-    bb = load_backbone(spec["backbone"], pretrained=spec.get("pretrained", False), max_length=spec.get("max_length"),
-                       image_size=spec.get("image_size"))
+    bb = load_backbone(
+        spec["backbone"],
+        pretrained=spec.get("pretrained", False),
+        max_length=spec.get("max_length"),
+        image_size=spec.get("image_size"),
+    )
     model = get_tuned_model(bb, make_config(spec["method"], spec.get("overrides", {})), spec["num_classes"])
     model.to(device).train()
     inputs = bb.random_inputs(spec["batch_size"], seed=spec.get("seed", 0))
@@ -44,10 +48,17 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_seconds = (time.perf_counter() - t0) / max(1, int(spec.get("timed_steps", 1)))
-    print(json.dumps({"saved_activation_bytes": saved, "peak_memory_bytes": peak,
-                      "step_seconds": step_seconds if spec.get("timed_steps", 1) else seconds,
-                      "trainable_params": model.num_trainable(),
-                      "adapter_params": model.num_trainable(include_head=False)}))
+    print(
+        json.dumps(
+            {
+                "saved_activation_bytes": saved,
+                "peak_memory_bytes": peak,
+                "step_seconds": step_seconds if spec.get("timed_steps", 1) else seconds,
+                "trainable_params": model.num_trainable(),
+                "adapter_params": model.num_trainable(include_head=False),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,8 +15,14 @@ from thrifty.io import save_tensors
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
-def save_checkpoint(path: str, *, model_state: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> None:
+def save_checkpoint(
+    path: str,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
     tensors = {f"model.{k}": v for k, v in model_state.items()}
     opt = optimizer.state_dict()
     for idx, st in opt["state"].items():

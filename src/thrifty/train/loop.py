@@ -73,8 +73,15 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: LabelledDataset, batch_size: int = 64, device: torch.device | None = None,
-             amp: bool = False, progress: bool = False, desc: str = "eval") -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    dataset: LabelledDataset,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    amp: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of `model` on `dataset`."""
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -102,8 +109,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model.to(self.device)
         self.train_set = task.split("tune_train" if config.select_on_val else "train")
-        self.sampler = GlobalBatchSampler(len(self.train_set), config.batch_size, config.seed,
-                                          rank=self.dist.rank, world_size=self.dist.world_size)
+        self.sampler = GlobalBatchSampler(
+            len(self.train_set), config.batch_size, config.seed, rank=self.dist.rank, world_size=self.dist.world_size
+        )
         self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=config.num_workers)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay)
         self.steps_per_epoch = len(self.sampler)
@@ -135,9 +143,13 @@ class Trainer:
         if not (self.checkpoint_path and self.dist.is_main):
             return
         extra = {f"best.{k}": v for k, v in (self.best_state or {}).items()}
-        save_checkpoint(self.checkpoint_path, model_state=self._trainable_state(), optimizer=self.optimizer,
-                        state={"epoch": epoch, "history": self.history, "best": self.best,
-                               "train_config": asdict(self.cfg)}, extra=extra)
+        save_checkpoint(
+            self.checkpoint_path,
+            model_state=self._trainable_state(),
+            optimizer=self.optimizer,
+            state={"epoch": epoch, "history": self.history, "best": self.best, "train_config": asdict(self.cfg)},
+            extra=extra,
+        )
 
     def _restore(self) -> None:
         ck = load_checkpoint(self.checkpoint_path)
@@ -160,8 +172,10 @@ class Trainer:
         if os.path.exists(results) and not overwrite:
             raise ResultsExistError(f"{results} exists; pass --overwrite to replace it or pick another --output")
         if os.path.exists(self.checkpoint_path) and not (resume or overwrite):
-            raise ResultsExistError(f"{self.checkpoint_path} exists from an unfinished run; pass --resume to continue "
-                                    "it or --overwrite to start over")
+            raise ResultsExistError(
+                f"{self.checkpoint_path} exists from an unfinished run; pass --resume to continue "
+                "it or --overwrite to start over"
+            )
 
     # --- training --------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
@@ -175,8 +189,12 @@ class Trainer:
             train_loss = self._train_epoch(epoch)
             seconds = time.perf_counter() - t0
             epoch_times.append(seconds)
-            record = {"epoch": epoch, "train_loss": train_loss, "seconds": seconds,
-                      "samples_per_second": len(self.train_set) / seconds}
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "seconds": seconds,
+                "samples_per_second": len(self.train_set) / seconds,
+            }
             if cfg.select_on_val and self.dist.is_main:
                 val = evaluate(self.model, self.task.split("val"), self._eval_bs(), self.device, cfg.amp)
                 record["val_accuracy"] = val["accuracy"]
@@ -196,8 +214,12 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         self.model.train()
         loss_sum, n = 0.0, 0
-        bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and self.dist.is_main),
-                   leave=False)
+        bar = tqdm(
+            self.loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (cfg.progress and self.dist.is_main),
+            leave=False,
+        )
         for i, (inputs, labels) in enumerate(bar):
             step = epoch * self.steps_per_epoch + i
             set_lr(self.optimizer, cosine_lr(step, self.total_steps, cfg.lr, self.warmup_steps, cfg.min_lr))
@@ -207,9 +229,11 @@ class Trainer:
             loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             if broadcast_flag(self.dist, not math.isfinite(loss.item())):
                 last = f"{self.checkpoint_path} (epoch {epoch})" if self.checkpoint_path and epoch else "none yet"
-                raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; training "
-                                         f"stopped. Last good checkpoint: {last}. Lower --lr, keep grad clipping "
-                                         "on, or check the inputs for NaN/inf.")
+                raise NonFiniteLossError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; training "
+                    f"stopped. Last good checkpoint: {last}. Lower --lr, keep grad clipping "
+                    "on, or check the inputs for NaN/inf."
+                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -229,8 +253,15 @@ class Trainer:
                     params[k].copy_(v)
         out: dict[str, Any] = {"history": self.history, "epochs_run_this_session": len(epoch_times)}
         if self.dist.is_main:
-            test = evaluate(self.model, self.task.split("test"), self._eval_bs(), self.device, cfg.amp,
-                            progress=cfg.progress, desc="test")
+            test = evaluate(
+                self.model,
+                self.task.split("test"),
+                self._eval_bs(),
+                self.device,
+                cfg.amp,
+                progress=cfg.progress,
+                desc="test",
+            )
             out.update(test_accuracy=test["accuracy"], test_loss=test["loss"], test_samples=test["samples"])
             if cfg.select_on_val:
                 out.update(selected_epoch=self.best["epoch"], val_accuracy=self.best["val_accuracy"])

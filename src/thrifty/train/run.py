@@ -16,15 +16,16 @@ from thrifty.io import write_json
 from thrifty.metrics import dir_bytes, environment, peak_step_memory_subprocess, saved_activation_bytes
 from thrifty.metrics.memory import cuda_peak_step_bytes, training_step
 from thrifty.train.checkpoint import CHECKPOINT_NAME
-from thrifty.train.loop import Trainer, TrainConfig, to_device
+from thrifty.train.loop import TrainConfig, Trainer, to_device
 from thrifty.tuners import get_tuned_model, make_config
 
 
 RESULTS_NAME = "results.json"
 
 
-def measure_step(model, task, cfg: TrainConfig, trainer: Trainer, spec: dict[str, Any],
-                 peak_memory: bool) -> dict[str, Any]:
+def measure_step(
+    model, task, cfg: TrainConfig, trainer: Trainer, spec: dict[str, Any], peak_memory: bool
+) -> dict[str, Any]:
     """Bytes saved for backward on the first real training batch, and the peak memory of one step."""
     first = next(iter(trainer.sampler))
     batch = [trainer.train_set[i] for i in first]
@@ -38,34 +39,59 @@ def measure_step(model, task, cfg: TrainConfig, trainer: Trainer, spec: dict[str
         return out
     if trainer.device.type == "cuda":
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-        out.update(peak_memory_bytes=cuda_peak_step_bytes(model, inputs, labels, opt),
-                   peak_memory_kind="cuda_max_memory_allocated")
+        out.update(
+            peak_memory_bytes=cuda_peak_step_bytes(model, inputs, labels, opt),
+            peak_memory_kind="cuda_max_memory_allocated",
+        )
         model.zero_grad(set_to_none=True)
     else:
-        res = peak_step_memory_subprocess({**spec, "batch_size": len(first), "timed_steps": 0,
-                                           "threads": torch.get_num_threads()})
+        res = peak_step_memory_subprocess(
+            {**spec, "batch_size": len(first), "timed_steps": 0, "threads": torch.get_num_threads()}
+        )
         out.update(peak_memory_bytes=res["peak_memory_bytes"], peak_memory_kind="cpu_rss_growth_fresh_process")
     return out
 
 
-def run_training(*, backbone: str, data: str, method: str, overrides: dict[str, Any] | None = None,
-                 train: TrainConfig | None = None, output_dir: str | None = None, checkpoint: str | None = None,
-                 pretrained: bool | None = None, max_length: int | None = None, image_size: int | None = None,
-                 test_size: int | None = None, split_seed: int | None = None, resume: bool = False,
-                 overwrite: bool = False, peak_memory: bool = True, keep_checkpoint: bool = False,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_training(
+    *,
+    backbone: str,
+    data: str,
+    method: str,
+    overrides: dict[str, Any] | None = None,
+    train: TrainConfig | None = None,
+    output_dir: str | None = None,
+    checkpoint: str | None = None,
+    pretrained: bool | None = None,
+    max_length: int | None = None,
+    image_size: int | None = None,
+    test_size: int | None = None,
+    split_seed: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    peak_memory: bool = True,
+    keep_checkpoint: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train `method` on `data` over `backbone`; save the adapter and results.json in `output_dir`."""
     train = train or TrainConfig()
     overrides = dict(overrides or {})
-    bb = load_backbone(backbone, checkpoint=checkpoint, pretrained=pretrained, max_length=max_length,
-                       image_size=image_size)
+    bb = load_backbone(
+        backbone, checkpoint=checkpoint, pretrained=pretrained, max_length=max_length, image_size=image_size
+    )
     task = load_data(data, bb.preprocess, seed=train.seed if split_seed is None else split_seed, test_size=test_size)
     torch.manual_seed(train.seed)
     model = get_tuned_model(bb, make_config(method, overrides), task.num_classes)
     trainer = Trainer(model, task, train, output_dir)
     trainer._check_outputs(resume, overwrite)
-    spec = {"backbone": backbone, "method": method, "overrides": overrides, "num_classes": task.num_classes,
-            "max_length": max_length, "image_size": image_size, "seed": train.seed}
+    spec = {
+        "backbone": backbone,
+        "method": method,
+        "overrides": overrides,
+        "num_classes": task.num_classes,
+        "max_length": max_length,
+        "image_size": image_size,
+        "seed": train.seed,
+    }
     step = measure_step(model, task, train, trainer, spec, peak_memory and trainer.dist.is_main)
     fit = trainer.fit(resume=resume, overwrite=overwrite)
     if not trainer.dist.is_main:
@@ -73,12 +99,21 @@ def run_training(*, backbone: str, data: str, method: str, overrides: dict[str, 
     results: dict[str, Any] = {
         "status": "complete",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "backbone": bb.describe(), "task": task.describe(), "method": model.describe(), "train": asdict(train),
-        "seed": train.seed, "history": fit.pop("history"), "env": environment(trainer.device),
+        "backbone": bb.describe(),
+        "task": task.describe(),
+        "method": model.describe(),
+        "train": asdict(train),
+        "seed": train.seed,
+        "history": fit.pop("history"),
+        "env": environment(trainer.device),
         "extra": extra or {},
     }
-    metrics = {**fit, **step, "trainable_params": model.num_trainable(),
-               "adapter_params": model.num_trainable(include_head=False)}
+    metrics = {
+        **fit,
+        **step,
+        "trainable_params": model.num_trainable(),
+        "adapter_params": model.num_trainable(include_head=False),
+    }
     if output_dir:
         model.save_pretrained(output_dir)
         metrics["adapter_bytes"] = dir_bytes(output_dir)

@@ -11,6 +11,14 @@ def load_tuned_model(backbone, directory: str, is_trainable: bool = False) -> Tu
 
 
 __all__ = [
-    "CONFIG_NAME", "WEIGHTS_NAME", "TunedModel", "TunerConfig", "available_methods", "get_method",
-    "get_tuned_model", "load_tuned_model", "make_config", "register_method",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "TunedModel",
+    "TunerConfig",
+    "available_methods",
+    "get_method",
+    "get_tuned_model",
+    "load_tuned_model",
+    "make_config",
+    "register_method",
 ]

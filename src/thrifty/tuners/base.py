@@ -74,7 +74,9 @@ class TunedModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def num_trainable(self, include_head: bool = True) -> int:
-        return sum(p.numel() for n, p in self.trainable_named_parameters() if include_head or not n.startswith("head."))
+        return sum(
+            p.numel() for n, p in self.trainable_named_parameters() if include_head or not n.startswith("head.")
+        )
 
     def num_total(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -87,12 +89,12 @@ class TunedModel(nn.Module):
     # --- state ---------------------------------------------------------------------------------------------
     def _file_key(self, name: str) -> str:
         if name.startswith("backbone.model."):
-            return PREFIX + name[len("backbone.model."):]
+            return PREFIX + name[len("backbone.model.") :]
         return name
 
     def _module_key(self, key: str) -> str:
         if key.startswith(PREFIX):
-            return "backbone.model." + key[len(PREFIX):]
+            return "backbone.model." + key[len(PREFIX) :]
         return key
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -104,25 +106,37 @@ class TunedModel(nn.Module):
         wanted = {self._file_key(n) for n in own}
         missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - wanted)
         if missing or unexpected:
-            raise CheckpointError(f"{source} does not fit this model ({self.config.method} on {self.backbone.name}): "
-                                  f"missing {missing[:4]}, unexpected {unexpected[:4]}")
+            raise CheckpointError(
+                f"{source} does not fit this model ({self.config.method} on {self.backbone.name}): "
+                f"missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
         params = dict(self.named_parameters())
         with torch.no_grad():
             for key, value in state.items():
                 p = params[self._module_key(key)]
                 if p.shape != value.shape:
-                    raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, model expects "
-                                          f"{tuple(p.shape)}; it was saved for another backbone or num_classes")
+                    raise CheckpointError(
+                        f"{source}: {key} has shape {tuple(value.shape)}, model expects "
+                        f"{tuple(p.shape)}; it was saved for another backbone or num_classes"
+                    )
                 p.copy_(value)
 
     def save_pretrained(self, directory: str) -> None:
         """Write adapter_config.json + adapter_model.safetensors (atomically)."""
         os.makedirs(directory, exist_ok=True)
         cfg = self.config.to_dict()
-        cfg.update(inference_mode=True, base_model_name_or_path=self.backbone.name, num_classes=self.num_classes,
-                   backbone_checkpoint_hash=self.backbone.checkpoint_hash, backbone_source=self.backbone.source)
-        save_tensors(os.path.join(directory, WEIGHTS_NAME), self.adapter_state_dict(),
-                     {"method": self.config.method, "backbone": self.backbone.name})
+        cfg.update(
+            inference_mode=True,
+            base_model_name_or_path=self.backbone.name,
+            num_classes=self.num_classes,
+            backbone_checkpoint_hash=self.backbone.checkpoint_hash,
+            backbone_source=self.backbone.source,
+        )
+        save_tensors(
+            os.path.join(directory, WEIGHTS_NAME),
+            self.adapter_state_dict(),
+            {"method": self.config.method, "backbone": self.backbone.name},
+        )
         write_json(os.path.join(directory, CONFIG_NAME), cfg)
 
     @classmethod
@@ -133,12 +147,16 @@ class TunedModel(nn.Module):
         cfg = read_json(os.path.join(directory, CONFIG_NAME))
         saved = cfg.get("base_model_name_or_path")
         if saved and saved != backbone.name:
-            raise CheckpointError(f"adapter in {directory} was trained on backbone {saved!r}, not {backbone.name!r}; "
-                                  f"load it with --backbone {saved}")
+            raise CheckpointError(
+                f"adapter in {directory} was trained on backbone {saved!r}, not {backbone.name!r}; "
+                f"load it with --backbone {saved}"
+            )
         saved_hash = cfg.get("backbone_checkpoint_hash")
         if saved_hash and backbone.checkpoint_hash and saved_hash != backbone.checkpoint_hash:
-            raise CheckpointError(f"adapter in {directory} was trained on other weights of {backbone.name} "
-                                  f"(hash {saved_hash} != {backbone.checkpoint_hash}); pass the same checkpoint")
+            raise CheckpointError(
+                f"adapter in {directory} was trained on other weights of {backbone.name} "
+                f"(hash {saved_hash} != {backbone.checkpoint_hash}); pass the same checkpoint"
+            )
         config_cls, model_cls = get_method(cfg["method"])
         config = config_cls.from_dict({k: v for k, v in cfg.items() if k not in _SAVED_EXTRA})
         model = model_cls(backbone, config, int(cfg["num_classes"]))
@@ -150,9 +168,14 @@ class TunedModel(nn.Module):
         return model
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.config.method, "config": self.config.to_dict(),
-                "trainable_params": self.num_trainable(), "adapter_params": self.num_trainable(include_head=False),
-                "head_params": sum(p.numel() for p in self.head.parameters()), "total_params": self.num_total()}
+        return {
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "trainable_params": self.num_trainable(),
+            "adapter_params": self.num_trainable(include_head=False),
+            "head_params": sum(p.numel() for p in self.head.parameters()),
+            "total_params": self.num_total(),
+        }
 
 
 _SAVED_EXTRA = {"base_model_name_or_path", "num_classes", "backbone_checkpoint_hash", "backbone_source"}

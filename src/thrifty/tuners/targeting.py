@@ -27,9 +27,15 @@ def _layer_index(key: str, pattern: str | Sequence[str] | None) -> int | None:
     return None
 
 
-def find_targets(model: nn.Module, target_modules: str | Sequence[str], *, exclude_modules=None,
-                 layers_to_transform: int | Sequence[int] | None = None, layers_pattern=None,
-                 types: tuple[type[nn.Module], ...] = (nn.Linear,)) -> list[str]:
+def find_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    *,
+    exclude_modules=None,
+    layers_to_transform: int | Sequence[int] | None = None,
+    layers_pattern=None,
+    types: tuple[type[nn.Module], ...] = (nn.Linear,),
+) -> list[str]:
     """Names of the modules of `types` selected by PEFT's rules; raises NoMatchingModuleError if none."""
     layers = [layers_to_transform] if isinstance(layers_to_transform, int) else layers_to_transform
     found = []
@@ -46,9 +52,11 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str], *, exclu
             continue
         found.append(key)
     if not found:
-        raise NoMatchingModuleError(f"Target modules {target_modules} not found in the base model. Please check the "
-                                    "target modules and try again (names are relative to the upstream model, e.g. "
-                                    "'qkv' for timm ViT, 'query'/'value' for BERT).")
+        raise NoMatchingModuleError(
+            f"Target modules {target_modules} not found in the base model. Please check the "
+            "target modules and try again (names are relative to the upstream model, e.g. "
+            "'qkv' for timm ViT, 'query'/'value' for BERT)."
+        )
     return found
 
 

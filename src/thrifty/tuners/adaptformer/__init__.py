@@ -31,8 +31,10 @@ class AdaptFormerConfig(TunerConfig):
     bias: bool = field(default=True, metadata={"help": "Biases in down/up projections."})
 
     def __post_init__(self) -> None:
-        check(isinstance(self.bottleneck, int) and self.bottleneck > 0,
-              f"`bottleneck` must be a positive integer, got {self.bottleneck!r}")
+        check(
+            isinstance(self.bottleneck, int) and self.bottleneck > 0,
+            f"`bottleneck` must be a positive integer, got {self.bottleneck!r}",
+        )
         check(0.0 <= self.dropout < 1.0, f"`dropout` must be in [0, 1), got {self.dropout!r}")
 
 

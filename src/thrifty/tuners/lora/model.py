@@ -16,12 +16,17 @@ class LoraModel(TunedModel):
         cfg = self.config
         upstream = self.backbone.model
         targets = cfg.target_modules if cfg.target_modules is not None else self.backbone.default_target_modules()
-        self.targeted_module_names = find_targets(upstream, targets, exclude_modules=cfg.exclude_modules,
-                                                  layers_to_transform=cfg.layers_to_transform,
-                                                  layers_pattern=cfg.layers_pattern)
+        self.targeted_module_names = find_targets(
+            upstream,
+            targets,
+            exclude_modules=cfg.exclude_modules,
+            layers_to_transform=cfg.layers_to_transform,
+            layers_pattern=cfg.layers_pattern,
+        )
         for name in self.targeted_module_names:
-            set_submodule(upstream, name, LoraLinear(upstream.get_submodule(name), cfg.r, cfg.lora_alpha,
-                                                     cfg.lora_dropout))
+            set_submodule(
+                upstream, name, LoraLinear(upstream.get_submodule(name), cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+            )
 
     def adapter_modules(self) -> list[nn.Module]:
         return [m for m in self.backbone.modules() if isinstance(m, LoraLinear)]

@@ -1,0 +1,110 @@
+"""`thrifty profile`: one training step of each method on random inputs of the backbone's input shape.
+
+Each method runs in a fresh process (so peak memory is clean). Reports bytes saved for backward (exact),
+peak memory (CUDA max allocated, or CPU resident-set growth), seconds per step, trainable parameters."""
+
+from __future__ import annotations
+
+import argparse
+
+from thrifty.cli.common import print_table
+
+
+def register(sub) -> argparse.ArgumentParser:
+    from thrifty.cli.common import add_backbone_args, add_config_args
+
+    p = sub.add_parser("profile", help="memory and time of one training step per method", description=__doc__)
+    add_config_args(p)
+    add_backbone_args(p)
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. linear,lora,full")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write the per-method results to this JSON file")
+    return p
+
+
+def profile_methods(
+    backbone: str,
+    methods: list[str],
+    *,
+    batch_size: int,
+    num_classes: int,
+    steps: int,
+    overrides: dict[str, str],
+    device: str,
+    **bb: object,
+) -> dict[str, dict]:
+    """Method options apply to every method that has them; `method.key=value` targets one method."""
+    import torch
+
+    from thrifty.metrics import peak_step_memory_subprocess
+    from thrifty.tuners import get_method
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = {}
+    for m in methods:
+        config_cls, _ = get_method(m)
+        fields = set(config_cls.__dataclass_fields__) | set(config_cls.aliases)
+        ov = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{m}.")}
+        ov.update({k: v for k, v in overrides.items() if "." not in k and k in fields})
+        spec = {
+            "backbone": backbone,
+            "method": m,
+            "overrides": ov,
+            "num_classes": num_classes,
+            "batch_size": batch_size,
+            "timed_steps": steps,
+            "device": device,
+            "threads": torch.get_num_threads(),
+            **{k: v for k, v in bb.items() if v is not None},
+        }
+        print(f"profiling {m} ...", flush=True)
+        out[m] = peak_step_memory_subprocess(spec)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from thrifty.io import write_json
+    from thrifty.metrics import environment
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    res = profile_methods(
+        args.backbone,
+        methods,
+        batch_size=args.batch_size,
+        num_classes=args.num_classes,
+        steps=args.steps,
+        overrides=args.overrides,
+        device=args.device,
+        pretrained=bool(args.checkpoint),
+        max_length=args.max_length,
+        image_size=args.image_size,
+    )
+    rows = [
+        {"method": m, **r, "saved_MB": r["saved_activation_bytes"] / 2**20, "peak_MB": r["peak_memory_bytes"] / 2**20}
+        for m, r in res.items()
+    ]
+    print_table(
+        rows,
+        [
+            ("method", "method"),
+            ("trainable_params", "trainable params"),
+            ("saved_MB", "saved for backward (MiB)"),
+            ("peak_MB", "peak memory (MiB)"),
+            ("step_seconds", "s / step"),
+        ],
+    )
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "backbone": args.backbone,
+                "batch_size": args.batch_size,
+                "methods": res,
+                "env": environment(args.device if args.device != "auto" else "cpu"),
+            },
+        )
+    return 0
