@@ -35,6 +35,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.unlink(tmp)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON atomically, sorted keys, indent 2 (PEFT's adapter_config.json style)."""
 

@@ -14,7 +14,8 @@ from thrifty.errors import ConfigError
 def load_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist")
-    text = open(path).read()
+    with open(path) as fh:
+        text = fh.read()
     if path.endswith((".yaml", ".yml")):
         import yaml
 

@@ -41,13 +41,13 @@ def register(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from thrifty.io import atomic_write
+    from thrifty.io import write_text
     from thrifty.train import run_training
 
     os.makedirs(args.output, exist_ok=True)
     cfg = resolved_config(args)
     text = yaml.safe_dump(cfg, sort_keys=True)
-    atomic_write(os.path.join(args.output, "config.yaml"), lambda tmp: open(tmp, "w").write(text))
+    write_text(os.path.join(args.output, "config.yaml"), text)
     results = run_training(
         backbone=args.backbone,
         data=args.data,

@@ -58,7 +58,7 @@ def _holdout(n: int, frac: float, seed: int, labels: np.ndarray) -> tuple[np.nda
     """Fixed, seeded, stratified train/test partition for sources that ship no split."""
     from thrifty.data.few_sample import stratified_sample
 
-    test = np.sort(stratified_sample(labels, int(round(n * frac)), np.random.default_rng(seed)))
+    test = np.sort(stratified_sample(labels, round(n * frac), np.random.default_rng(seed)))
     return np.setdiff1d(np.arange(n), test), test
 
 

@@ -116,7 +116,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.warmup_steps = int(round(config.warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
         self.ddp = self._wrap_ddp()
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"val_accuracy": -1.0, "epoch": None}

@@ -42,10 +42,7 @@ def find_targets(
     for key, module in model.named_modules():
         if not key or not isinstance(module, types):
             continue
-        if target_modules == "all-linear":
-            hit = isinstance(module, nn.Linear)
-        else:
-            hit = _matches(key, target_modules)
+        hit = isinstance(module, nn.Linear) if target_modules == "all-linear" else _matches(key, target_modules)
         if not hit or (exclude_modules and _matches(key, exclude_modules)):
             continue
         if layers is not None and _layer_index(key, layers_pattern) not in layers:
