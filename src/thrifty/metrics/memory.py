@@ -87,12 +87,11 @@ def reset_peak_rss() -> bool:
 
 def _malloc_trim() -> None:
     """Give freed heap memory back to the OS (glibc), so RSS before the step holds only live memory."""
+    import contextlib
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def cpu_peak_growth(step: Callable[[], Any]) -> int:
