@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from thrifty.backbones.base import AdapterSite, Backbone, Inputs
+from thrifty.backbones.base import AdapterSite, Backbone, Inputs, ProjectionSite
 from thrifty.backbones.preprocess import ImagePreprocess, TextPreprocess
 from thrifty.errors import SpecError
 
@@ -51,4 +51,4 @@ def load_backbone(
     return bb.freeze_().eval()
 
 
-__all__ = ["AdapterSite", "Backbone", "ImagePreprocess", "Inputs", "TextPreprocess", "load_backbone"]
+__all__ = ["AdapterSite", "Backbone", "ImagePreprocess", "Inputs", "ProjectionSite", "TextPreprocess", "load_backbone"]
