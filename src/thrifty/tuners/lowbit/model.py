@@ -7,7 +7,7 @@ adapter_model.safetensors of a low-bit model (every quantized matrix in the refe
     lowbit.codes   uint8 (sum_m ceil(numel_m * bits_m / 8),)  each matrix's LSB-first packed indices, concatenated
     lowbit.mean    float32 (M,)                                per-matrix mean mu
     lowbit.std     float32 (M,)                                per-matrix std sigma
-    lowbit.layout  int64 (M, 3)                                (out, in, bits) per matrix: refuses foreign files
+    lowbit.layout  int32 (M, 3)                                (out, in, bits) per matrix: refuses foreign files
     <key>.weight   float32                                     32-bit adapters (bits=32: no quantization)
     head.weight / head.bias                                    the FP32 head when `bi_head` is false
 
@@ -100,7 +100,7 @@ class LowBitModel(TunedModel):
 
     def _layout(self) -> torch.Tensor:
         rows = [[q.out_features, q.in_features, q.bits] for _, q in self.lowbit_layers() if q.quantized]
-        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+        return torch.tensor(rows, dtype=torch.int32).reshape(-1, 3)
 
     # --- state -----------------------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -148,7 +148,7 @@ class LowBitModel(TunedModel):
         quantized = [(n, q) for n, q in self.lowbit_layers() if q.quantized]
         if quantized:
             layout = self._layout()
-            if state[LAYOUT].shape != layout.shape or not torch.equal(state[LAYOUT].long(), layout):
+            if state[LAYOUT].shape != layout.shape or not torch.equal(state[LAYOUT].to(layout.dtype), layout):
                 raise self._refuse(
                     source,
                     f"it holds matrices (out, in, bits) {state[LAYOUT].tolist()[:3]}... "
