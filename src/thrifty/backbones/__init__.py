@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from thrifty.backbones.base import AdapterSite, Backbone, Inputs
+from thrifty.backbones.base import AdapterSite, Backbone, Inputs, ProjectionSite
 from thrifty.backbones.preprocess import ImagePreprocess, TextPreprocess
 from thrifty.errors import SpecError
 
@@ -58,4 +58,4 @@ def _load(spec: str, *, checkpoint, pretrained, image_size, max_length) -> Backb
     return bb
 
 
-__all__ = ["AdapterSite", "Backbone", "ImagePreprocess", "Inputs", "TextPreprocess", "load_backbone"]
+__all__ = ["AdapterSite", "Backbone", "ImagePreprocess", "Inputs", "ProjectionSite", "TextPreprocess", "load_backbone"]

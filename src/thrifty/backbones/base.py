@@ -38,6 +38,22 @@ class AdapterSite:
     dim: int
 
 
+@dataclass(frozen=True)
+class ProjectionSite:
+    """Output columns [start, stop) of the nn.Linear `parent.<attr>`: where a LoRA-style update of one attention
+    projection is added (Bi-LoRA). timm ViT: q = attn.qkv[0:D], v = attn.qkv[2D:3D] of the fused qkv Linear;
+    BERT: q = attention.self.query[0:D], v = attention.self.value[0:D]."""
+
+    parent: nn.Module
+    attr: str
+    start: int
+    stop: int
+
+    @property
+    def linear(self) -> nn.Module:
+        return getattr(self.parent, self.attr)
+
+
 class Backbone(nn.Module):
     """Base class; subclasses implement the upstream-specific pieces."""
 
@@ -83,6 +99,11 @@ class Backbone(nn.Module):
 
     def adapter_sites(self) -> list[AdapterSite]:
         raise NotImplementedError(f"{type(self).__name__} has no adapter sites")
+
+    def attention_qv_sites(self) -> list[tuple[ProjectionSite, ProjectionSite]]:
+        """(query, value) projection sites of each block's self-attention, in block order (input = the attention
+        input, i.e. norm1(x) in a pre-LN ViT)."""
+        raise NotImplementedError(f"{type(self).__name__} has no attention q/v sites")
 
     def default_target_modules(self) -> list[str]:
         """PEFT-style default LoRA targets for this architecture."""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thrifty.backbones.base import AdapterSite, Backbone, model_fingerprint
+from thrifty.backbones.base import AdapterSite, Backbone, ProjectionSite, model_fingerprint
 from thrifty.backbones.preprocess import TextPreprocess
 from thrifty.errors import SpecError
 
@@ -54,6 +54,18 @@ class HFEncoder(Backbone):
             AdapterSite(read=layer.intermediate, add=layer.output.dense, dim=self.num_features)
             for layer in self.blocks
         ]
+
+    def attention_qv_sites(self) -> list[tuple[ProjectionSite, ProjectionSite]]:
+        sites = []
+        for layer in self.blocks:
+            att = layer.attention.self  # BertSelfAttention: separate query / key / value Linear modules
+            sites.append(
+                (
+                    ProjectionSite(att, "query", 0, int(att.query.out_features)),
+                    ProjectionSite(att, "value", 0, int(att.value.out_features)),
+                )
+            )
+        return sites
 
     def default_target_modules(self) -> list[str]:
         return ["query", "value"]  # PEFT's default LoRA targets for BERT

@@ -9,7 +9,7 @@ import sys
 from thrifty.errors import ThriftyError
 
 
-COMMANDS = ["train", "eval", "info", "profile", "demo"]
+COMMANDS = ["train", "eval", "info", "profile", "demo", "export-bin"]
 
 
 def build_parser() -> argparse.ArgumentParser:
