@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from thrifty.bench.runner import CHECKPOINT, FAILED, MANIFEST, RESULTS, cell_state, read_json
+from thrifty.bench.runner import FAILED, MANIFEST, RESULTS, cell_state, read_json
 
 
 COSTS = (
@@ -35,13 +35,13 @@ class CellResult:
     task: str
     label: str
     seed: int
-    state: str  # complete | stale | failed | partial | missing
+    state: str  # complete | failed | partial (checkpoint, no results) | missing
     results: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
-        return self.state in ("complete", "stale") and self.results is not None
+        return self.state == "complete" and self.results is not None
 
     @property
     def accuracy(self) -> float | None:
@@ -124,20 +124,15 @@ def read_layout(out_dir: str) -> Layout:
         tasks = [(t["name"], t.get("group", "all")) for t in manifest["tasks"]]
     else:
         tasks = [(t, "all") for t in _subdirs(out_dir) if t != "report"]
-    methods = list(manifest.get("methods") or [])
+    found: list[str] = []
     seeds = set()
     for task, _ in tasks:
         tdir = os.path.join(out_dir, task)
-        if not os.path.isdir(tdir):
-            continue
-        for label in _subdirs(tdir):
-            if label not in methods:
-                methods.append(label)
-            for s in _subdirs(os.path.join(tdir, label)):
-                if re.fullmatch(r"seed\d+", s):
-                    seeds.add(int(s[4:]))
-    present = {m for task, _ in tasks for m in (_subdirs(os.path.join(out_dir, task)) if os.path.isdir(os.path.join(out_dir, task)) else [])}
-    methods = [m for m in methods if m in present]
+        for label in _subdirs(tdir) if os.path.isdir(tdir) else []:
+            found.append(label)
+            seeds.update(int(s[4:]) for s in _subdirs(os.path.join(tdir, label)) if re.fullmatch(r"seed\d+", s))
+    # suite order first, then rows run with --methods NAME that the suite does not list; rows never run are left out
+    methods = [m for m in dict.fromkeys([*(manifest.get("methods") or []), *sorted(found)]) if m in found]
     return Layout(
         name=str(manifest.get("name") or os.path.basename(os.path.abspath(out_dir))),
         description=str(manifest.get("description") or ""),
@@ -158,12 +153,9 @@ def collect(out_dir: str) -> tuple[Layout, list[CellResult]]:
                 if not os.path.isdir(d):
                     cells.append(CellResult(task, label, seed, "missing"))
                     continue
-                recorded = read_json(os.path.join(d, "cell.json"))
-                state = cell_state(d, recorded.get("spec") if recorded else None)
-                res = read_json(os.path.join(d, RESULTS)) if state in ("complete", "stale") else None
+                state = cell_state(d)
+                res = read_json(os.path.join(d, RESULTS)) if state == "complete" else None
                 fail = read_json(os.path.join(d, FAILED)) if state == "failed" else None
-                if state == "missing" and os.path.exists(os.path.join(d, CHECKPOINT)):
-                    state = "partial"
                 cells.append(CellResult(task, label, seed, state, res, fail))
     return layout, cells
 
@@ -207,7 +199,10 @@ def aggregate(layout: Layout, cells: list[CellResult]) -> dict[str, dict[str, An
             return Stat(value, Stat.of(spread).std, len(spread))
 
         task_means = {t: tcells[t].stat.mean for t in all_tasks}
-        groups = {g: summary(_mean([task_means[t] for t in layout.group_tasks(g)]), layout.group_tasks(g)) for g in layout.groups}
+        groups = {
+            g: summary(_mean([task_means[t] for t in layout.group_tasks(g)]), layout.group_tasks(g))
+            for g in layout.groups
+        }
         mog = summary(_mean([groups[g].mean for g in layout.groups]))
         mot = summary(_mean([task_means[t] for t in all_tasks]), all_tasks)
         costs = {}

@@ -54,9 +54,7 @@ def failures(cells: list[CellResult]) -> str:
     return "\n".join(out)
 
 
-def render(
-    layout, rows, cells, prov, plots: list[str], md_dir: str, heading: str, note: str = ""
-) -> str:
+def render(layout, rows, cells, prov, plots: list[str], md_dir: str, heading: str, note: str = "") -> str:
     rel = [os.path.relpath(p, md_dir) for p in plots]
     parts = [f"# {heading}", ""]
     if note:

@@ -137,8 +137,15 @@ def cells_csv(cells: list[CellResult]) -> str:
     w.writerow(["task", "method", "seed", "state", "test_accuracy", *COSTS, "returncode"])
     for c in cells:
         w.writerow(
-            [c.task, c.label, c.seed, c.state, _num(c.accuracy), *[_num(c.cost(k)) for k in COSTS]]
-            + [(c.failure or {}).get("returncode", "")]
+            [
+                c.task,
+                c.label,
+                c.seed,
+                c.state,
+                _num(c.accuracy),
+                *[_num(c.cost(k)) for k in COSTS],
+                (c.failure or {}).get("returncode", ""),
+            ]
         )
     return buf.getvalue()
 
@@ -154,7 +161,9 @@ def _uniq(values) -> list[Any]:
 def machine(env: dict[str, Any]) -> str:
     dev = env.get("gpu") or env.get("device", "?")
     cpu = env.get("processor") or "cpu"
-    return f"{dev}; {cpu}, {env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads; {env.get('platform')}"
+    return (
+        f"{dev}; {cpu}, {env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads; {env.get('platform')}"
+    )
 
 
 def provenance(cells: list[CellResult]) -> dict[str, Any]:
@@ -219,7 +228,10 @@ def caption(layout: Layout, cells: list[CellResult], prov: dict[str, Any]) -> st
         "Versions: " + " | ".join(prov["versions"] or ["-"]) + ".",
     ]
     if prov["dates"]:
-        lines.append(f"Runs dated {prov['dates'][0]}" + (f" to {prov['dates'][1]}." if prov["dates"][1] != prov["dates"][0] else "."))
+        lines.append(
+            f"Runs dated {prov['dates'][0]}"
+            + (f" to {prov['dates'][1]}." if prov["dates"][1] != prov["dates"][0] else ".")
+        )
     return "\n".join(f"- {x}" for x in lines)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -76,11 +77,13 @@ def train_command(argv: list[str]) -> list[str]:
 
 
 def launch_subprocess(argv: list[str], cell_dir: str, timeout: float | None) -> tuple[int, str]:
-    """Run `thrifty train ARGV` in a fresh process; stdout/stderr go to the cell's logs. -> (exit code, stderr tail)."""
+    """Run `thrifty train ARGV` in a fresh process, output to the cell's logs; -> (exit code, stderr tail)."""
     out_path, err_path = os.path.join(cell_dir, "stdout.log"), os.path.join(cell_dir, "stderr.log")
     with open(out_path, "w") as out, open(err_path, "w") as err:
         try:
-            rc = subprocess.run(train_command(argv), stdout=out, stderr=err, env=_child_env(), timeout=timeout).returncode
+            rc = subprocess.run(
+                train_command(argv), stdout=out, stderr=err, env=_child_env(), timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             err.write(f"\nthrifty bench: cell killed after its --cell-timeout of {timeout:.0f} s\n")
             rc = 124
@@ -100,8 +103,27 @@ def write_manifest(out_dir: str, suite: Suite) -> None:
     write_json(path, suite.manifest())
 
 
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of all finished child processes, grandchildren included."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _record_run(cell_dir: str, rc: int, wall: float, cpu: float) -> None:
+    """Add the last attempt's exit code, wall-clock and CPU seconds (process tree) to cell.json."""
+    path = os.path.join(cell_dir, CELL_SPEC)
+    data = read_json(path) or {}
+    data["last_run"] = {
+        "returncode": rc,
+        "wall_seconds": round(wall, 3),
+        "cpu_seconds": round(cpu, 3),
+        "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    write_json(path, data)
+
+
 def _fmt_secs(s: float) -> str:
-    s = int(round(s))
+    s = round(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
@@ -123,12 +145,10 @@ def run_cells(
     for cell in cells:
         cell_dir = os.path.join(out_dir, cell.rel_dir())
         state = cell_state(cell_dir, cell.spec())
-        if state == "complete" or (state == "stale" and not rerun_stale):
-            todo.append((cell, cell_dir, state, "skip"))
-        elif state == "failed" and not retry_failed:
-            todo.append((cell, cell_dir, state, "skip"))
-        else:
-            todo.append((cell, cell_dir, state, "run"))
+        skip = (
+            state == "complete" or (state == "stale" and not rerun_stale) or (state == "failed" and not retry_failed)
+        )
+        todo.append((cell, cell_dir, state, "skip" if skip else "run"))
     to_run = sum(1 for *_, action in todo if action == "run")
     log(f"thrifty bench: {n} cells, {n - to_run} already done or skipped, {to_run} to run -> {out_dir}")
     start, ran_secs, ran = time.perf_counter(), 0.0, 0
@@ -144,7 +164,7 @@ def run_cells(
             }[state]
             log(f"{name}: {note}")
             continue
-        argv = cell.argv(cell_dir) + ["--no-progress"]
+        argv = [*cell.argv(cell_dir), "--no-progress"]
         if state == "partial":
             recorded = read_json(os.path.join(cell_dir, CELL_SPEC)) or {}
             argv.append("--resume" if recorded.get("spec") == cell.spec() else "--overwrite")
@@ -160,13 +180,14 @@ def run_cells(
         )
         what = {"partial": "resuming", "stale": "rerunning (spec changed)", "failed": "retrying"}.get(state, "running")
         log(f"{name}: {what} ...")
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), _children_cpu()
         try:
             rc, tail = launch(argv, cell_dir, timeout)
         except KeyboardInterrupt:
             log(f"{name}: interrupted; rerun the same command to resume the grid (this cell resumes too)")
             raise
-        secs = time.perf_counter() - t0
+        secs, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
+        _record_run(cell_dir, rc, secs, cpu)
         ran_secs, ran = ran_secs + secs, ran + 1
         results = read_json(os.path.join(cell_dir, RESULTS)) if rc == 0 else None
         if rc == 0 and results is not None and results.get("status") == "complete":

@@ -217,7 +217,9 @@ def suite_dirs() -> list[str]:
     """Where `--suite NAME` looks: ./benchmarks/suites, then the source checkout's benchmarks/suites."""
     here = os.path.dirname(os.path.abspath(__file__))
     repo = os.path.abspath(os.path.join(here, "..", "..", ".."))
-    return list(dict.fromkeys([os.path.join(os.getcwd(), "benchmarks", "suites"), os.path.join(repo, "benchmarks", "suites")]))
+    return list(
+        dict.fromkeys([os.path.join(os.getcwd(), "benchmarks", "suites"), os.path.join(repo, "benchmarks", "suites")])
+    )
 
 
 def find_suite(name: str) -> str:

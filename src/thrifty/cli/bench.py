@@ -63,16 +63,26 @@ def _check_methods(suite, labels: list[str] | None) -> list[str]:
         if method in known:
             out.append(label)
         elif labels:
-            raise ConfigError(f"method {method!r} (row {label!r}) is not registered; available: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"method {method!r} (row {label!r}) is not registered; available: {', '.join(sorted(known))}"
+            )
         else:
-            print(f"thrifty bench: WARNING: skipping row {label!r}: method {method!r} is not registered", file=sys.stderr)
+            print(
+                f"thrifty bench: WARNING: skipping row {label!r}: method {method!r} is not registered", file=sys.stderr
+            )
     if not out:
         raise ConfigError("no method to run")
     return out
 
 
+def _sigterm_to_interrupt(signum, frame) -> None:
+    # `kill PID` of the harness must also end the running cell (subprocess.run kills its child on an exception)
+    raise KeyboardInterrupt
+
+
 def run(args: argparse.Namespace) -> int:
     import os
+    import signal
 
     from thrifty.bench import build_report, expand, find_suite, load_suite, run_cells
     from thrifty.bench.runner import write_manifest
@@ -99,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.output, exist_ok=True)
     if not args.dry_run:
         write_manifest(args.output, suite)
+
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
 
     def log(line: str) -> None:
         print(line, flush=True)
