@@ -160,6 +160,7 @@ def results_dir(tmp_path):
             (d / FAILED).write_text(json.dumps({"returncode": 1, "stderr_tail": "Traceback\nValueError: boom\n"}))
         else:
             (d / RESULTS).write_text(json.dumps(_results(acc, seed, 1000 if label == "m" else 10)))
+            (d / "cell.json").write_text(json.dumps({"last_run": {"loadavg_at_start": 3.5 if seed else 0.5}}))
     return str(tmp_path)
 
 
@@ -203,7 +204,8 @@ def test_report_files_show_failed_and_label_both_means(results_dir, tmp_path):
     assert "final epoch" in md and "never for selection" in md and "Seeds: 0, 1" in md
     assert "mean of the group means" in md and "plain mean over the 3 tasks" in md
     assert "`t1/bad/seed0`: exit code 1: `ValueError: boom`" in md
-    assert "Machine: cpu" in md and "torch 2.14.1" in md
+    assert "Machine: device cpu" in md and "torch 2.14.1" in md
+    assert "load average when the cells started: 0.5 to 3.5 on 2 cores (busier than its cores" in md
     csv_lines = Path(out["csv"]).read_text().splitlines()
     assert csv_lines[0].startswith("method,t1,t1_std,t1_n,t2,")
     assert csv_lines[3].startswith("bad,failed,,0,90,0,2,")

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from thrifty.bench.runner import FAILED, MANIFEST, RESULTS, cell_state, read_json
+from thrifty.bench.runner import CELL_SPEC, FAILED, MANIFEST, RESULTS, cell_state, read_json
 
 
 COSTS = (
@@ -38,6 +38,7 @@ class CellResult:
     state: str  # complete | failed | partial (checkpoint, no results) | missing
     results: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
+    load: float | None = None  # 1-minute load average when the harness started the cell
 
     @property
     def ok(self) -> bool:
@@ -104,6 +105,13 @@ class Layout:
     tasks: list[tuple[str, str]]
     methods: list[str]
     seeds: list[int]
+    source: str = ""  # the suite/grid file the results were run from
+
+    @property
+    def bench_command(self) -> str:
+        """The `thrifty bench` source flag that reproduces these results."""
+        suites = os.path.basename(os.path.dirname(self.source)) == "suites"
+        return f"--suite {self.name}" if suites or not self.source else f"--grid {self.source}"
 
     @property
     def groups(self) -> list[str]:
@@ -139,6 +147,7 @@ def read_layout(out_dir: str) -> Layout:
         tasks=tasks,
         methods=methods,
         seeds=sorted(seeds),
+        source=str(manifest.get("source") or ""),
     )
 
 
@@ -156,7 +165,8 @@ def collect(out_dir: str) -> tuple[Layout, list[CellResult]]:
                 state = cell_state(d)
                 res = read_json(os.path.join(d, RESULTS)) if state == "complete" else None
                 fail = read_json(os.path.join(d, FAILED)) if state == "failed" else None
-                cells.append(CellResult(task, label, seed, state, res, fail))
+                load = ((read_json(os.path.join(d, CELL_SPEC)) or {}).get("last_run") or {}).get("loadavg_at_start")
+                cells.append(CellResult(task, label, seed, state, res, fail, load))
     return layout, cells
 
 

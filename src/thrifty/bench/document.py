@@ -107,7 +107,7 @@ def build_report(out_dir: str, report_dir: str | None = None, docs: str | None =
         shutil.copyfile(out["csv"], os.path.join(image_dir, os.path.basename(out["csv"])))
         note = (
             f"Generated on {today()} by `thrifty report {out_dir} --docs {docs}` from the results of "
-            f"`thrifty bench` (suite `{layout.name}`); do not edit by hand, rerun the command. "
+            f"`thrifty bench {layout.bench_command} --output {out_dir}`; do not edit by hand: rerun both commands. "
             f"Machine-readable table: [{os.path.basename(out['csv'])}]"
             f"({os.path.relpath(os.path.join(image_dir, os.path.basename(out['csv'])), docs_dir)})."
         )

@@ -160,9 +160,10 @@ def _uniq(values) -> list[Any]:
 
 def machine(env: dict[str, Any]) -> str:
     dev = env.get("gpu") or env.get("device", "?")
-    cpu = env.get("processor") or "cpu"
+    cpu = env.get("cpu_model") or env.get("processor") or "unknown CPU"
     return (
-        f"{dev}; {cpu}, {env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads; {env.get('platform')}"
+        f"device {dev}; {cpu}, {env.get('cpu_count')} logical cores, {env.get('torch_threads')} torch threads; "
+        f"{env.get('platform')}"
     )
 
 
@@ -186,13 +187,16 @@ def provenance(cells: list[CellResult]) -> dict[str, Any]:
     recipes: dict[str, list[str]] = {}
     for c, t in trains:
         text = (
-            f"{t.get('epochs')} epochs, batch {t.get('batch_size')}, lr {t.get('lr')}, wd {t.get('weight_decay')}, "
-            f"warmup {t.get('warmup_epochs')}"
+            f"epochs {t.get('epochs')}, batch {t.get('batch_size')}, lr {t.get('lr')}, wd {t.get('weight_decay')}, "
+            f"warm-up epochs {t.get('warmup_epochs')}, min lr {t.get('min_lr')}, grad clip {t.get('grad_clip')}"
         )
         recipes.setdefault(c.label, [])
         if text not in recipes[c.label]:
             recipes[c.label].append(text)
+    loads = [c.load for c in done if c.load is not None]
+    cores = max((e.get("cpu_count") or 0 for e in envs), default=0)
     return {
+        "load": (min(loads), max(loads), cores) if loads else None,
         "machines": _uniq(machine(e) for e in envs),
         "versions": versions,
         "dates": (created[0][:10], created[-1][:10]) if created else None,
@@ -219,7 +223,7 @@ def caption(layout: Layout, cells: list[CellResult], prov: dict[str, Any]) -> st
         "adapter_model.safetensors; bytes saved for backward by autograd in one training step at batch "
         + "/".join(map(str, prov["batch"] or ["?"]))
         + "; peak memory = "
-        + "/".join(prov["peak_kinds"] or ["-"])
+        + "/".join(prov["peak_kinds"] or ["not measured (--no-peak-memory)"])
         + "; s / epoch and train s = wall-clock training time per epoch and in total.",
         f"Failed runs: {n_failed} (shown as 'failed'; details in <task>/<method>/seed<k>/failed.json)."
         if n_failed
@@ -227,6 +231,10 @@ def caption(layout: Layout, cells: list[CellResult], prov: dict[str, Any]) -> st
         "Machine: " + " | ".join(prov["machines"] or ["-"]) + ".",
         "Versions: " + " | ".join(prov["versions"] or ["-"]) + ".",
     ]
+    if prov["load"]:
+        lo, hi, cores = prov["load"]
+        busy = " (busier than its cores: the timings are inflated)" if hi > cores else ""
+        lines.append(f"1-minute load average when the cells started: {lo:.1f} to {hi:.1f} on {cores} cores{busy}.")
     if prov["dates"]:
         lines.append(
             f"Runs dated {prov['dates'][0]}"

@@ -109,14 +109,16 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _record_run(cell_dir: str, rc: int, wall: float, cpu: float) -> None:
-    """Add the last attempt's exit code, wall-clock and CPU seconds (process tree) to cell.json."""
+def _record_run(cell_dir: str, rc: int, wall: float, cpu: float, load: float) -> None:
+    """Add the last attempt's exit code, wall-clock and CPU seconds (process tree) and the machine's 1-minute load
+    average at its start (timings taken on a busy machine are inflated) to cell.json."""
     path = os.path.join(cell_dir, CELL_SPEC)
     data = read_json(path) or {}
     data["last_run"] = {
         "returncode": rc,
         "wall_seconds": round(wall, 3),
         "cpu_seconds": round(cpu, 3),
+        "loadavg_at_start": round(load, 2),
         "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     write_json(path, data)
@@ -180,14 +182,14 @@ def run_cells(
         )
         what = {"partial": "resuming", "stale": "rerunning (spec changed)", "failed": "retrying"}.get(state, "running")
         log(f"{name}: {what} ...")
-        t0, cpu0 = time.perf_counter(), _children_cpu()
+        t0, cpu0, load = time.perf_counter(), _children_cpu(), os.getloadavg()[0]
         try:
             rc, tail = launch(argv, cell_dir, timeout)
         except KeyboardInterrupt:
             log(f"{name}: interrupted; rerun the same command to resume the grid (this cell resumes too)")
             raise
         secs, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
-        _record_run(cell_dir, rc, secs, cpu)
+        _record_run(cell_dir, rc, secs, cpu, load)
         ran_secs, ran = ran_secs + secs, ran + 1
         results = read_json(os.path.join(cell_dir, RESULTS)) if rc == 0 else None
         if rc == 0 and results is not None and results.get("status") == "complete":
