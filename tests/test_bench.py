@@ -87,6 +87,8 @@ def test_placeholders():
     assert c.flags["data"] == "vtab:/d/cifar" and "checkpoint" not in c.flags  # no --checkpoint: default weights
     (c, *_) = expand(suite, data_root="/d", checkpoint="/w/ViT-B_16.npz")
     assert c.flags["checkpoint"] == "/w/ViT-B_16.npz"
+    with pytest.raises(ConfigError, match="does not use"):
+        expand(_suite(), checkpoint="/w/ViT-B_16.npz")
 
 
 def test_shipped_suites_parse():

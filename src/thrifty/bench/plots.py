@@ -32,6 +32,7 @@ def plot_tradeoffs(rows: dict[str, dict[str, Any]], out_dir: str, title: str) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -68,6 +69,9 @@ def plot_tradeoffs(rows: dict[str, dict[str, Any]], out_dir: str, title: str) ->
             ax.legend(loc="lower right", fontsize=8)
         else:
             ax.text(0.5, 0.5, "no complete results", ha="center", va="center", transform=ax.transAxes)
+        if pts and max(xs) > 10 * max(min(xs), 1e-12):
+            ax.xaxis.set_minor_formatter(NullFormatter())  # over a decade, log-axis minor labels overlap
+        ax.margins(x=0.12, y=0.12)
         ax.set_xlabel(xlabel + ", mean over tasks")
         ax.set_ylabel(f"top-1 % ({MEAN_OF_GROUPS})")
         ax.set_title(title, fontsize=10)

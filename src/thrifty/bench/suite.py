@@ -242,7 +242,7 @@ def load_suite(path: str) -> Suite:
     return parse_suite(load_config_file(path), source=path)
 
 
-def _fill(value: Any, variables: dict[str, str | None], where: str) -> Any:
+def _fill(value: Any, variables: dict[str, str | None], where: str, used: set[str]) -> Any:
     if not isinstance(value, str) or "{" not in value:
         return value
     for name, val in variables.items():
@@ -251,6 +251,7 @@ def _fill(value: Any, variables: dict[str, str | None], where: str) -> Any:
             if val is None:
                 raise ConfigError(f"{where} uses {token}; pass --{name.replace('_', '-')} to `thrifty bench`")
             value = value.replace(token, val)
+            used.add(name)
     return value
 
 
@@ -287,7 +288,8 @@ def expand(
     chosen = [t for t in suite.tasks if not tasks or t.name in tasks]
     over = _layer(overrides or {}, "--override", actions)
     variables = {"data_root": data_root, "checkpoint": checkpoint}
-    cells = []
+    cells: list[Cell] = []
+    used: set[str] = set()
     for task in chosen:
         for label in labels:
             m = suite.methods.get(label, {})
@@ -302,12 +304,15 @@ def expand(
             if flags.get("checkpoint") == "{checkpoint}" and checkpoint is None:
                 flags.pop("checkpoint")
             where = f"{suite.name}: {task.name}/{label}"
-            flags = {k: _fill(v, variables, where) for k, v in flags.items()}
-            sets = {k: _fill(v, variables, where) for k, v in sets.items()}
+            flags = {k: _fill(v, variables, where, used) for k, v in flags.items()}
+            sets = {k: _fill(v, variables, where, used) for k, v in sets.items()}
             for required in ("backbone", "data"):
                 if not flags.get(required):
                     raise ConfigError(f"{where}: no `{required}` (set it in defaults or in the task)")
             method = str(m.get("method", label))
             for seed in seeds or suite.seeds:
                 cells.append(Cell(task.name, task.group, label, method, int(seed), dict(flags), dict(sets)))
+    for name, val in variables.items():
+        if val is not None and name not in used:  # a flag that silently does nothing would mislabel the results
+            raise ConfigError(f"suite {suite.name} does not use {{{name}}}; drop --{name.replace('_', '-')}")
     return cells
