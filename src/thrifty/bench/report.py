@@ -224,6 +224,7 @@ def caption(layout: Layout, cells: list[CellResult], prov: dict[str, Any]) -> st
         + "/".join(map(str, prov["batch"] or ["?"]))
         + "; peak memory = "
         + "/".join(prov["peak_kinds"] or ["not measured (--no-peak-memory)"])
+        + " (measured for the first seed of each method and task)"
         + "; s / epoch and train s = wall-clock training time per epoch and in total.",
         f"Failed runs: {n_failed} (shown as 'failed'; details in <task>/<method>/seed<k>/failed.json)."
         if n_failed

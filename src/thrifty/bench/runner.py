@@ -151,6 +151,12 @@ def run_cells(
             state == "complete" or (state == "stale" and not rerun_stale) or (state == "failed" and not retry_failed)
         )
         todo.append((cell, cell_dir, state, "skip" if skip else "run"))
+    # peak memory is measured once per task and method (its first seed): it does not depend on the seed, and each
+    # measurement costs a fresh process that loads the backbone again
+    first_seed: dict[tuple[str, str], int] = {}
+    for cell in cells:
+        key = (cell.task, cell.label)
+        first_seed[key] = min(first_seed.get(key, cell.seed), cell.seed)
     to_run = sum(1 for *_, action in todo if action == "run")
     log(f"thrifty bench: {n} cells, {n - to_run} already done or skipped, {to_run} to run -> {out_dir}")
     start, ran_secs, ran = time.perf_counter(), 0.0, 0
@@ -167,6 +173,8 @@ def run_cells(
             log(f"{name}: {note}")
             continue
         argv = [*cell.argv(cell_dir), "--no-progress"]
+        if cell.seed != first_seed[(cell.task, cell.label)]:
+            argv.append("--no-peak-memory")
         if state == "partial":
             recorded = read_json(os.path.join(cell_dir, CELL_SPEC)) or {}
             argv.append("--resume" if recorded.get("spec") == cell.spec() else "--overwrite")
