@@ -170,7 +170,7 @@ class Trainer:
         return os.path.join(self.output_dir, CHECKPOINT_NAME) if self.output_dir else None
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _save(self, epoch: int) -> None:
         if not (self.checkpoint_path and self.dist.is_main):

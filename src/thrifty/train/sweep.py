@@ -42,7 +42,7 @@ from thrifty.train.loop import (
 from thrifty.train.optim import build_optimizer, cosine_lr, set_lr
 from thrifty.train.run import RESULTS_NAME, finish_run, measure_step, require_side, use_feature_cache
 from thrifty.train.sampler import GlobalBatchSampler
-from thrifty.tuners import get_tuned_model, make_config
+from thrifty.tuners import get_method, get_tuned_model, make_config
 from thrifty.tuners.config import coerce
 
 
@@ -96,7 +96,7 @@ class Member:
     failed: str | None = None
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
 
 
 class SweepTrainer:
@@ -219,7 +219,7 @@ class SweepTrainer:
 def build_members(backbone, num_classes: int, method: str, sweep, overrides, train: TrainConfig) -> list[Member]:
     """One Member per grid point; each model is built right after `torch.manual_seed(train.seed)`, as in
     run_training, so a member starts from the same weights as its separate run."""
-    config_cls = make_config(method, dict(overrides)).__class__
+    config_cls, _ = get_method(method)
     names = set(config_cls.__dataclass_fields__) | set(config_cls.aliases)
     hints = typing.get_type_hints(TrainConfig)
     unknown = [k for k in sweep if k not in TRAIN_KEYS and k not in names]

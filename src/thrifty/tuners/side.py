@@ -1,11 +1,11 @@
 """`SideTuner`: base of methods whose trainable part only reads the frozen backbone's outputs (taps).
 
-    logits = forward_from_taps(extract_taps(backbone, x, tap_names()))
+    logits = head(features_from_taps(extract_taps(backbone, x, tap_names())))
 
 The backbone runs under `torch.no_grad()`, so nothing inside it is saved for backward and its outputs are data:
 they can be cached on disk (`thrifty extract`, thrifty.features) and shared by many side networks trained
 together (`thrifty train --sweep`). `read_taps_(True)` switches `forward` to take a dict of taps (a batch of the
-feature cache) instead of backbone inputs; both paths run the same `forward_from_taps`.
+feature cache) instead of backbone inputs; both paths run the same `features_from_taps`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,13 @@ class SideTuner(TunedModel):
         """Taps this method reads (thrifty.features.taps names)."""
         raise NotImplementedError
 
+    def features_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, D) features fed to the head, from a dict of taps."""
+        raise NotImplementedError
+
     def forward_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, num_classes) logits from a dict of taps."""
-        raise NotImplementedError
+        return self.head(self.features_from_taps(taps))
 
     def extract(self, x: Inputs) -> dict[str, torch.Tensor]:
         """The taps of this method for backbone inputs `x` (no_grad)."""
@@ -35,12 +39,12 @@ class SideTuner(TunedModel):
         return extract_taps(self.backbone, x, self.tap_names())
 
     def read_taps_(self, enabled: bool = True) -> SideTuner:
-        """Make `forward` take tap dicts (cached features) instead of backbone inputs; returns self."""
+        """Make `forward`/`features` take tap dicts (cached features) instead of backbone inputs; returns self."""
         self.reads_taps = enabled
         return self
 
-    def forward(self, x: Inputs | dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.forward_from_taps(x if self.reads_taps else self.extract(x))
+    def features(self, x: Inputs | dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.features_from_taps(x if self.reads_taps else self.extract(x))
 
 
 def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None, num_prefix: int, mode: str = "mean") -> torch.Tensor:

@@ -58,8 +58,8 @@ class LastModel(SideTuner):
         names = [block_tap(i) for i in self.tap_blocks]
         return [*names, MASK] if self.backbone.kind == "text" else names
 
-    def forward_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
-        """taps: {block.<i>: (B, N, D) for the tapped blocks, mask: (B, N) bool for text} -> (B, C) logits."""
+    def features_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """taps: {block.<i>: (B, N, D) for the tapped blocks, mask: (B, N) bool for text} -> (B, D) head input."""
         mask = taps.get(MASK)
         y = self.last([taps[block_tap(i)] for i in self.tap_blocks], mask)
-        return self.head(self.backbone.norm(pool_tokens(y, mask, self.num_prefix, self.config.pool)))
+        return self.backbone.norm(pool_tokens(y, mask, self.num_prefix, self.config.pool))

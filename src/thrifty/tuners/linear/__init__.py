@@ -25,8 +25,8 @@ class LinearModel(SideTuner):
     def tap_names(self) -> list[str]:
         return [POOLED]
 
-    def forward_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(taps[POOLED])
+    def features_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        return taps[POOLED]
 
 
 register_method("linear", LinearConfig, LinearModel)
