@@ -42,14 +42,17 @@ class LowRankSelfAttention(nn.Module):
             if bias:
                 nn.init.zeros_(self.up.bias)
 
+    def attend(self, qkv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention in the r-dimensional space: (B, N, 3r) projections -> (B, N, r) attention output o."""
+        b, n, _ = qkv.shape
+        q, k, v = qkv.reshape(b, n, 3, self.heads, self.rank // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, N, r/h)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N): keys that may be attended
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, r / h)
+        return o.transpose(1, 2).reshape(b, n, self.rank)
+
     def branch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The residual branch up(Attn(...)) alone, (B, N, D)."""
-        b, n, _ = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, self.rank // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, r / heads)
-        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N): keys that may be attended
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, r / heads)
-        return self.up(o.transpose(1, 2).reshape(b, n, self.rank))
+        return self.up(self.attend(self.qkv(self.norm(x)), mask))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return x + self.branch(x, mask)
