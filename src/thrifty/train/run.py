@@ -11,14 +11,14 @@ from typing import Any
 import torch
 
 from thrifty.backbones import load_backbone
-from thrifty.data import load_data
+from thrifty.data import TaskData, load_data
 from thrifty.errors import ConfigError
 from thrifty.io import write_json
 from thrifty.metrics import dir_bytes, environment, peak_step_memory_subprocess, saved_activation_bytes
 from thrifty.metrics.memory import cuda_peak_step_bytes, training_step
 from thrifty.train.checkpoint import CHECKPOINT_NAME
 from thrifty.train.loop import TrainConfig, Trainer, resolve_device, to_device
-from thrifty.tuners import get_tuned_model, make_config
+from thrifty.tuners import TunedModel, get_tuned_model, make_config
 
 
 RESULTS_NAME = "results.json"
@@ -107,7 +107,7 @@ def run_training(
     return finish_run(model, task, train, fit, step, trainer.device, output_dir, keep_checkpoint, extra)
 
 
-def require_side(model, purpose: str) -> None:
+def require_side(model: TunedModel, purpose: str) -> None:
     """Raise ConfigError unless `model` is a side method (reads only the frozen backbone's outputs)."""
     from thrifty.tuners import available_methods, get_method
     from thrifty.tuners.side import SideTuner
@@ -120,7 +120,7 @@ def require_side(model, purpose: str) -> None:
         )
 
 
-def use_feature_cache(models, task, cache: str, train: TrainConfig):
+def use_feature_cache(models: list[TunedModel], task: TaskData, cache: str, train: TrainConfig) -> TaskData:
     """The task's splits replaced by the cached taps the side `models` read (extracting what is missing); the
     models are switched to read taps. Only side methods qualify: the others need the backbone's inside."""
     from thrifty.features import cached_task, roles_for
@@ -134,6 +134,7 @@ def use_feature_cache(models, task, cache: str, train: TrainConfig):
         task,
         taps,
         roles=roles_for(train.select_on_val),
+        extract=int(os.environ.get("WORLD_SIZE", "1")) <= 1,  # torchrun ranks only read (thrifty extract first)
         batch_size=train.eval_batch_size or max(train.batch_size, 64),
         device=resolve_device(train.device),
         amp=train.amp,
@@ -145,15 +146,15 @@ def use_feature_cache(models, task, cache: str, train: TrainConfig):
 
 
 def finish_run(
-    model,
-    task,
+    model: TunedModel,
+    task: TaskData,
     train: TrainConfig,
     fit: dict[str, Any],
     step: dict[str, Any],
-    device,
-    output_dir,
-    keep_checkpoint,
-    extra=None,
+    device: torch.device,
+    output_dir: str | None,
+    keep_checkpoint: bool,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Save the adapter and write results.json (the keys every run records)."""
     bb = model.backbone
