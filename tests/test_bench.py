@@ -288,3 +288,17 @@ def test_changed_spec_is_stale_not_silently_reused(tmp_path):
     assert (counts["stale"], counts["complete"], launcher.calls) == (2, 1, [])  # t2 sets its own epochs: unchanged
     counts = run_cells(cells, str(tmp_path), launch=launcher, rerun_stale=True, log=lambda s: None)
     assert launcher.calls[-1][1][-1] == "--overwrite" and counts["ran"] == 2
+
+
+def test_only_tasks_restricts_a_row():
+    data = {
+        "name": "t",
+        "seeds": [0, 1],
+        "defaults": {"backbone": "timm:test_vit", "epochs": 1},
+        "tasks": [{"name": "a", "data": "digits:1k"}, {"name": "b", "data": "digits"}],
+        "methods": {"linear": {}, "last": {"only_tasks": ["b"]}},
+    }
+    cells = expand(parse_suite(data))
+    assert sorted((c.task, c.label) for c in cells if c.seed == 0) == [("a", "linear"), ("b", "last"), ("b", "linear")]
+    with pytest.raises(ConfigError, match="unknown task 'c'"):
+        parse_suite({**data, "methods": {"last": {"only_tasks": ["c"]}}})

@@ -13,6 +13,7 @@
       full: {lr: 1.0e-4}               # flags for this method on every task
       lora-r4: {method: lora, set: {r: 4}}          # a variant of a registered method
       dtl: {tasks: {cifar: {lr: 3.0e-4}}}           # per-task flags for one method
+      last: {only_tasks: [reviews]}                 # run this row on these tasks only
 
 Layers override in this order: defaults < task < method < method.tasks[task]; `set:` mappings merge the same
 way and become `--set key=value` (lists are joined with commas). String values may use `{data_root}` (required
@@ -33,7 +34,7 @@ from thrifty.errors import ConfigError
 
 
 RESERVED = frozenset({"method", "seed", "output", "resume", "overwrite", "config", "set", "command"})
-METHOD_KEYS = frozenset({"tasks", "method"})
+METHOD_KEYS = frozenset({"tasks", "method", "only_tasks"})
 SUITE_KEYS = frozenset({"name", "description", "seeds", "defaults", "tasks", "methods"})
 TASK_KEYS = frozenset({"name", "group"})
 
@@ -192,6 +193,9 @@ def parse_suite(data: dict[str, Any], source: str = "") -> Suite:
     for label, m in methods_raw.items():
         m = dict(m or {})
         _layer(m, f"methods[{label}]", actions, METHOD_KEYS)
+        for tname in m.get("only_tasks") or []:
+            if tname not in seen:
+                raise ConfigError(f"{source}: methods[{label}].only_tasks names unknown task {tname!r}")
         per_task = m.get("tasks") or {}
         for tname, opts in per_task.items():
             if tname not in seen:
@@ -293,6 +297,8 @@ def expand(
     for task in chosen:
         for label in labels:
             m = suite.methods.get(label, {})
+            if m.get("only_tasks") and task.name not in m["only_tasks"]:
+                continue
             layers = [
                 _layer(suite.defaults, "defaults", actions),
                 _layer(task.options, f"tasks[{task.name}]", actions),
