@@ -9,7 +9,7 @@ import sys
 from thrifty.errors import ThriftyError
 
 
-COMMANDS = ["train", "eval", "info", "profile", "extract"]
+COMMANDS = ["train", "eval", "info", "profile", "extract", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
