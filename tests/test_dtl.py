@@ -6,7 +6,7 @@ import torch
 from thrifty.backbones import load_backbone
 from thrifty.errors import ConfigError
 from thrifty.metrics import saved_activation_bytes, training_step
-from thrifty.tuners import get_tuned_model, make_config
+from thrifty.tuners import TunedModel, get_tuned_model, make_config
 
 
 torch.set_num_threads(1)
@@ -144,3 +144,14 @@ def test_text_backbone_masks_padding():
         randomize_side(model)
         torch.testing.assert_close(model.features(short), model.features(long_), rtol=1e-4, atol=1e-4)
     assert model.num_trainable(include_head=False) == 6 * 2 * 2 * 384 + 384 * 3  # 1-D conv for text
+
+
+def test_save_load_round_trip(vit, tmp_path):
+    model = get_tuned_model(vit, make_config("dtl_plus", {"kernel": "5"}), 4).eval()
+    randomize_side(model)
+    model.save_pretrained(str(tmp_path))
+    loaded = TunedModel.from_pretrained(vit, str(tmp_path))
+    assert loaded.config.kernel == 5 and loaded.num_trainable() == 0  # frozen for inference
+    x = vit.random_inputs(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

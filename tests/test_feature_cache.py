@@ -12,8 +12,15 @@ from torch.utils.data import DataLoader
 from thrifty.backbones import load_backbone
 from thrifty.cli.main import main
 from thrifty.data import load_data
-from thrifty.errors import ConfigError
-from thrifty.features import CacheMismatchError, CorruptCacheError, FeatureCache, extract_features, extract_taps
+from thrifty.errors import ConfigError, DataError
+from thrifty.features import (
+    CacheMismatchError,
+    CorruptCacheError,
+    FeatureCache,
+    cached_task,
+    extract_features,
+    extract_taps,
+)
 from thrifty.features import cache as cache_module
 from thrifty.io import load_tensors
 from thrifty.train import TrainConfig, run_training
@@ -62,6 +69,10 @@ def test_round_trip(tmp_path, bb, task):
     assert np.array_equal(labels, task.splits["test"].labels)
     batch, y = next(iter(DataLoader(cache.dataset("test"), batch_size=8)))  # collates into a tap dict
     assert batch["block.5"].shape == (8, *want["block.5"].shape[1:]) and y.shape == (8,)
+    read_only = cached_task(str(tmp_path / "c"), bb, task, ["pooled"], roles=["test"], extract=False)
+    assert read_only.split("test")[3][0].keys() == {"pooled"}  # a subset of the cached taps, nothing written
+    with pytest.raises(DataError, match="not a feature cache"):
+        cached_task(str(tmp_path / "none"), bb, task, ["pooled"], roles=["test"], extract=False)
     half, _ = extract(tmp_path / "h", bb, task, dtype="float16")
     got16, _ = cached_taps(half)
     assert got16["pooled"].dtype == torch.float32

@@ -7,7 +7,7 @@ from thrifty.backbones import load_backbone
 from thrifty.errors import ConfigError
 from thrifty.features import extract_taps
 from thrifty.metrics import saved_activation_bytes, training_step
-from thrifty.tuners import get_tuned_model, make_config
+from thrifty.tuners import TunedModel, get_tuned_model, make_config
 from thrifty.tuners.last import LastSideNetwork, LowRankSelfAttention
 
 
@@ -122,3 +122,14 @@ def test_config_errors():
         make_config("last", {"r": "6", "heads": "4"})
     with pytest.raises(ConfigError, match="lsa_input"):
         make_config("last", {"lsa_input": "both"})
+
+
+def test_save_load_round_trip(vit, tmp_path):
+    model = get_tuned_model(vit, make_config("last", {"r": "4", "heads": "2", "lsa_input": "corrected"}), 4).eval()
+    randomize(model.last)
+    model.save_pretrained(str(tmp_path))
+    loaded = TunedModel.from_pretrained(vit, str(tmp_path))
+    assert (loaded.config.r, loaded.config.heads, loaded.config.lsa_input) == (4, 2, "corrected")
+    x = vit.random_inputs(2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

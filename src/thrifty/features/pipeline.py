@@ -72,11 +72,18 @@ def cached_task(
     taps: Sequence[str],
     *,
     roles: Sequence[str] = ("train", "test"),
+    extract: bool = True,
     **extract_kwargs: Any,
 ) -> TaskData:
-    """`task` with the splits that play `roles` replaced by cached-tap datasets (extracting what is missing)."""
+    """`task` with the splits that play `roles` replaced by cached-tap datasets (extracting what is missing,
+    unless `extract=False`: then the cache must be complete, e.g. when several data-parallel ranks read it)."""
     splits = sorted({PROTOCOLS[task.protocol][r] for r in roles})
-    cache, stats = extract_features(root, backbone, task, taps, splits=splits, **extract_kwargs)
+    if extract:
+        cache, stats = extract_features(root, backbone, task, taps, splits=splits, **extract_kwargs)
+    else:
+        cache = FeatureCache.open(root)
+        cache.check(backbone, task, taps)
+        stats = [{"split": s, "extracted": 0} for s in splits]
     meta = {
         **task.meta,
         "feature_cache": {

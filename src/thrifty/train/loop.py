@@ -236,6 +236,9 @@ class Trainer:
                     self.best_state = self._trainable_state()
             self.history.append(record)
             self._save(epoch)
+            if self.dist.is_main:
+                val = f", val acc {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}{val}, {seconds:.1f} s")
             barrier(self.dist)
         return self._finish(epoch_times)
 

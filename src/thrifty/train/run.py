@@ -6,19 +6,23 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from thrifty.backbones import load_backbone
-from thrifty.data import load_data
+from thrifty.data import TaskData, load_data
 from thrifty.errors import ConfigError
 from thrifty.io import write_json
 from thrifty.metrics import dir_bytes, environment, peak_step_memory_subprocess, saved_activation_bytes
 from thrifty.metrics.memory import cuda_peak_step_bytes, training_step
 from thrifty.train.checkpoint import CHECKPOINT_NAME
 from thrifty.train.loop import TrainConfig, Trainer, resolve_device, to_device
-from thrifty.tuners import get_method, get_tuned_model, make_config
+from thrifty.tuners import TunedModel, get_method, get_tuned_model, make_config
+
+
+if TYPE_CHECKING:
+    from thrifty.serve.client import RemoteFeatures
 
 
 RESULTS_NAME = "results.json"
@@ -121,7 +125,7 @@ def run_training(
     return finish_run(model, task, train, fit, step, trainer.device, output_dir, keep_checkpoint, extra)
 
 
-def require_side(model, purpose: str) -> None:
+def require_side(model: TunedModel, purpose: str) -> None:
     """Raise ConfigError unless `model` is a side method (reads only the frozen backbone's outputs)."""
     from thrifty.tuners import available_methods, get_method
     from thrifty.tuners.side import SideTuner
@@ -134,8 +138,17 @@ def require_side(model, purpose: str) -> None:
         )
 
 
-def connect_remote(remote, token_file, backbone, checkpoint, pretrained, image_size, max_length):
-    """A `RemoteFeatures` link to the feature server at `remote` (None without one)."""
+def connect_remote(
+    remote: str | None,
+    token_file: str | None,
+    backbone: str | None,
+    checkpoint: str | None,
+    pretrained: bool | None,
+    image_size: int | None,
+    max_length: int | None,
+) -> RemoteFeatures | None:
+    """A `RemoteFeatures` link to the feature server at `remote` (None without one); the backbone flags must
+    agree with what the server runs (thrifty.serve.client.RemoteFeatures.connect)."""
     if remote is None:
         if token_file:
             raise ConfigError("--token-file is for --remote (a feature server); pass both or neither")
@@ -147,7 +160,9 @@ def connect_remote(remote, token_file, backbone, checkpoint, pretrained, image_s
     return RemoteFeatures.connect(remote, token_file, backbone=backbone, image_size=image_size, max_length=max_length)
 
 
-def use_feature_cache(models, task, cache: str, train: TrainConfig, remote=None):
+def use_feature_cache(
+    models: list[TunedModel], task: TaskData, cache: str, train: TrainConfig, remote: RemoteFeatures | None = None
+) -> TaskData:
     """The task's splits replaced by the cached taps the side `models` read (extracting what is missing, from
     the `remote` feature server if given); the models are switched to read taps. Only side methods qualify:
     the others need the backbone's inside."""
@@ -166,6 +181,7 @@ def use_feature_cache(models, task, cache: str, train: TrainConfig, remote=None)
         task,
         taps,
         roles=roles_for(train.select_on_val),
+        extract=int(os.environ.get("WORLD_SIZE", "1")) <= 1,  # torchrun ranks only read (thrifty extract first)
         batch_size=train.eval_batch_size or max(train.batch_size, 64),
         device=resolve_device(train.device),
         amp=train.amp,
@@ -178,15 +194,15 @@ def use_feature_cache(models, task, cache: str, train: TrainConfig, remote=None)
 
 
 def finish_run(
-    model,
-    task,
+    model: TunedModel,
+    task: TaskData,
     train: TrainConfig,
     fit: dict[str, Any],
     step: dict[str, Any],
-    device,
-    output_dir,
-    keep_checkpoint,
-    extra=None,
+    device: torch.device,
+    output_dir: str | None,
+    keep_checkpoint: bool,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Save the adapter and write results.json (the keys every run records)."""
     bb = model.backbone

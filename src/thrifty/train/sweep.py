@@ -26,8 +26,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from thrifty.backbones import load_backbone
-from thrifty.data import load_data
+from thrifty.backbones import Backbone, load_backbone
+from thrifty.data import TaskData, load_data
 from thrifty.errors import ConfigError, ResultsExistError
 from thrifty.features.taps import extract_taps
 from thrifty.io import write_json, write_text
@@ -102,7 +102,7 @@ class Member:
 class SweepTrainer:
     """Trains `members` together on `task`; each batch's backbone pass (or cached taps) is shared."""
 
-    def __init__(self, members: list[Member], task, config: TrainConfig, reads_taps: bool):
+    def __init__(self, members: list[Member], task: TaskData, config: TrainConfig, reads_taps: bool):
         self.members, self.task, self.cfg, self.reads_taps = members, task, config, reads_taps
         self.device = resolve_device(config.device)
         self.backbone = members[0].model.backbone
@@ -216,7 +216,14 @@ class SweepTrainer:
         return out
 
 
-def build_members(backbone, num_classes: int, method: str, sweep, overrides, train: TrainConfig) -> list[Member]:
+def build_members(
+    backbone: Backbone,
+    num_classes: int,
+    method: str,
+    sweep: dict[str, list[str]],
+    overrides: dict[str, Any],
+    train: TrainConfig,
+) -> list[Member]:
     """One Member per grid point; each model is built right after `torch.manual_seed(train.seed)`, as in
     run_training, so a member starts from the same weights as its separate run."""
     config_cls, _ = get_method(method)
@@ -257,6 +264,8 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Train every configuration of `sweep` together; returns {'members': [...], 'selected': name | None}."""
     train = train or TrainConfig()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("sweeps run in one process; launch without torchrun (members already share the batches)")
     bb = load_backbone(
         backbone, checkpoint=checkpoint, pretrained=pretrained, max_length=max_length, image_size=image_size
     )
