@@ -14,6 +14,7 @@ from PIL import Image
 from serve_util import server_args, write_checkpoint, write_token
 from thrifty.backbones import load_backbone
 from thrifty.backbones.base import file_sha256
+from thrifty.cli.main import main
 from thrifty.data import load_data
 from thrifty.errors import ConfigError
 from thrifty.features import CacheMismatchError, extract_features, extract_taps
@@ -149,7 +150,10 @@ def test_cache_is_verified_against_info(served, tmp_path):
     task = load_data("digits:1k", bb.preprocess, seed=0, test_size=100)
     local = str(tmp_path / "local")
     extract_features(local, bb, task, ["gather.6"], splits=["train800val200", "test"], dtype="float16")
-    res = remote_run(served, tmp_path, "a", cache=local)  # same backbone, weights, k, dtype: accepted as is
+    argv = ["train", "--backbone", "timm:test_vit", "--data", "digits:1k", "--test-size", "100", "--method", "miet"]
+    argv += ["--remote", served["url"], "--token-file", served["tok"], "--cache", local, "--epochs", "1"]
+    assert main([*argv, "--no-progress", "--no-peak-memory", "--output", str(tmp_path / "a")]) == 0
+    res = json.loads((tmp_path / "a" / "results.json").read_text())  # same backbone, weights, k, dtype: accepted
     assert res["metrics"]["remote_bytes_received"] == 0 and res["task"]["feature_cache"]["taps"] == ["gather.6"]
     assert res["backbone"]["checkpoint_hash"] == bb.checkpoint_hash and res["method"]["config"]["k"] == 6
     other_k = str(tmp_path / "k3")

@@ -126,3 +126,13 @@ def test_edge_text_batches_equal_the_local_gather(text_engine):
     m = want["mask"]
     torch.testing.assert_close(got["gather.5"][m], want["gather.5"][m])
     assert got["gather.5"][~m].abs().sum() == 0  # padding columns are zeros on the edge (never read)
+
+
+def test_serve_cli_refuses_a_weak_token(tmp_path, capsys):
+    from thrifty.cli.main import main
+
+    weak = tmp_path / "token"
+    weak.write_text("short")
+    assert main(["serve", "--backbone", "timm:test_vit", "--random-init", "--token-file", str(weak)]) == 2
+    assert "at least 16 characters" in capsys.readouterr().err
+    assert main(["serve", "--backbone", "timm:test_vit", "--token-file", str(tmp_path / "missing")]) == 2
