@@ -10,6 +10,7 @@ import torch
 
 from thrifty.backbones import load_backbone
 from thrifty.data.base import TextDataset
+from thrifty.errors import ConfigError
 from thrifty.features import extract_taps
 from thrifty.serve.client import RemoteBackbone, RemoteFeatures
 from thrifty.serve.engine import Batcher, Busy, GatherEngine, Job, Limits, RequestError
@@ -136,3 +137,19 @@ def test_serve_cli_refuses_a_weak_token(tmp_path, capsys):
     assert main(["serve", "--backbone", "timm:test_vit", "--random-init", "--token-file", str(weak)]) == 2
     assert "at least 16 characters" in capsys.readouterr().err
     assert main(["serve", "--backbone", "timm:test_vit", "--token-file", str(tmp_path / "missing")]) == 2
+    weak.write_text("t" * 32)
+    with pytest.raises(ConfigError, match="must be an http"):
+        RemoteFeatures.connect("127.0.0.1:8765", str(weak))
+
+
+def test_server_stops_by_itself(tmp_path, capsys):
+    import time
+
+    from thrifty.serve.app import run_server
+
+    torch.manual_seed(0)
+    engine = GatherEngine(load_backbone("timm:test_vit", pretrained=False, image_size=32))
+    t0 = time.monotonic()
+    run_server(engine, "t" * 32, host="127.0.0.1", port=0, lifetime=1.0)  # returns once its lifetime is over
+    assert time.monotonic() - t0 < 30
+    assert "listening on http://127.0.0.1:" in capsys.readouterr().out

@@ -64,6 +64,9 @@ class FeatureClient:
     ):
         import httpx
 
+        parsed = httpx.URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ConfigError(f"--remote must be an http(s) URL such as http://127.0.0.1:8765, got {url!r}")
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.backoff_max = retries, backoff, backoff_max
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
