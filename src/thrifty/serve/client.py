@@ -187,7 +187,7 @@ def load_tokenizer(spec: str):
 
     from thrifty.backbones.hf_encoder import minilm_path
 
-    if spec in ("minilm", "all-minilm-l6-v2"):
+    if spec in ("minilm", "all-minilm-l6-v2", "hf:minilm"):
         return AutoTokenizer.from_pretrained(minilm_path())
     if spec.startswith("hf:"):
         return AutoTokenizer.from_pretrained(spec[3:])
