@@ -28,8 +28,18 @@ DEMO_METHODS: dict[str, tuple[str, dict[str, str]]] = {
 }
 # the offline benchmark's recipe for this task (benchmarks/suites/offline.yaml), so the demo's numbers are one seed
 # of that table
-RECIPE = {"backbone": "minilm", "data": "reviews:1k", "max_length": 64, "test_size": 1000, "epochs": 3,
-          "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 0.5, "seed": 0}
+RECIPE = {
+    "backbone": "minilm",
+    "data": "reviews:1k",
+    "max_length": 64,
+    "test_size": 1000,
+    "epochs": 3,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "weight_decay": 1e-4,
+    "warmup_epochs": 0.5,
+    "seed": 0,
+}
 COLUMNS = [
     ("name", "method"),
     ("test_accuracy", "test acc"),

@@ -9,7 +9,7 @@ import sys
 from thrifty.errors import ThriftyError
 
 
-COMMANDS = ["train", "eval", "info", "profile", "demo", "extract", "export-bin", "bench", "report"]
+COMMANDS = ["train", "eval", "info", "profile", "demo", "extract", "export-bin", "bench", "report", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,8 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.safetensors after success")
     g = p.add_argument_group("side methods")
     g.add_argument("--cache", help="feature-cache dir (thrifty extract): train a side method from cached taps")
+    g.add_argument("--remote", metavar="URL", help="feature server (thrifty serve) computing the taps: edge training")
+    g.add_argument("--token-file", help="file holding the feature server's bearer token (with --remote)")
     g.add_argument(
         "--sweep",
         action="append",
@@ -74,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         peak_memory=not args.no_peak_memory,
         keep_checkpoint=args.keep_checkpoint,
         cache=args.cache,
+        remote=args.remote,
+        token_file=args.token_file,
         **backbone_kwargs(args),
     )
     if "metrics" in results:
@@ -87,6 +91,8 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
 
     if args.resume:
         raise ConfigError("--resume is not supported with --sweep; rerun the sweep (use --overwrite)")
+    if args.remote:
+        raise ConfigError("--remote is not supported with --sweep; fetch the features once with a single run")
     summary = run_sweep(
         backbone=args.backbone,
         data=args.data,

@@ -17,11 +17,12 @@ with a `CacheMismatchError` naming the difference.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import tempfile
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from thrifty.io import atomic_write, read_json, write_json
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 DTYPES = ("float32", "float16")
+BatchSource = Callable[[LabelledDataset, int, int], Iterable[dict[str, torch.Tensor]]]
 
 
 class CacheMismatchError(DataError):
@@ -222,8 +224,12 @@ class FeatureCache:
         device: torch.device | str = "cpu",
         amp: bool = False,
         progress: bool = False,
+        batches: BatchSource | None = None,
     ) -> dict[str, Any]:
-        """Extract every chunk of `split` that is missing or bad; returns {'split', 'samples', 'extracted'}."""
+        """Extract every chunk of `split` that is missing or bad; returns {'split', 'samples', 'extracted'}.
+
+        `batches(dataset, start, stop)` yields the tap dicts of rows [start, stop) in order; default: the local
+        `backbone` (a feature server's client passes its own, thrifty.serve)."""
         entry = self.manifest["splits"].get(split)
         if entry is None:
             entry = self._new_split(split, dataset)
@@ -232,10 +238,12 @@ class FeatureCache:
         elif not self.labels_ok(split):  # same samples (fingerprint), so the labels can be written again
             entry["labels"] = self._write_labels(split, dataset)
         todo = self.bad_chunks(split)
-        device = torch.device(device)
-        backbone.to(device).eval()
+        if batches is None:
+            device = torch.device(device)
+            backbone.to(device).eval()
+            batches = functools.partial(self._local_batches, backbone, batch_size=batch_size, device=device, amp=amp)
         for c in tqdm(todo, desc=f"extract {split}", disable=not progress, leave=False):
-            self._extract_chunk(backbone, split, dataset, c, batch_size, device, amp)
+            self._extract_chunk(split, dataset, c, batches)
         entry["complete"] = True
         self._save()
         return {"split": split, "samples": entry["size"], "chunks": entry["num_chunks"], "extracted": len(todo)}
@@ -266,18 +274,23 @@ class FeatureCache:
             "checksum": file_checksum(path, self.manifest["checksum"]),
         }
 
-    def _extract_chunk(self, backbone, split, dataset, c, batch_size, device, amp) -> None:
+    def _local_batches(self, backbone, dataset, start, stop, *, batch_size, device, amp) -> Iterator[dict]:
         from thrifty.train.loop import _autocast, to_device
 
+        loader = DataLoader(dataset.subset(range(start, stop)), batch_size=batch_size, shuffle=False)
+        for inputs, _ in loader:
+            with _autocast(device, amp):
+                yield extract_taps(backbone, to_device(inputs, device), self.taps)
+
+    def _extract_chunk(self, split: str, dataset: LabelledDataset, c: int, batches: BatchSource) -> None:
         start = c * self.chunk_size
         stop = min(len(dataset), start + self.chunk_size)
-        loader = DataLoader(dataset.subset(range(start, stop)), batch_size=batch_size, shuffle=False)
         tmp: dict[str, tuple[str, np.memmap]] = {}
         try:
             pos = 0
-            for inputs, _ in loader:
-                with _autocast(device, amp):
-                    taps = extract_taps(backbone, to_device(inputs, device), self.taps)
+            for taps in batches(dataset, start, stop):
+                if sorted(taps) != sorted(self.taps):
+                    raise DataError(f"feature source gave taps {sorted(taps)}, the cache stores {self.taps}")
                 for name, t in taps.items():
                     arr = _to_numpy(t, name, self.dtype)
                     if name not in tmp:
@@ -287,6 +300,8 @@ class FeatureCache:
                         tmp[name] = (path, np.lib.format.open_memmap(path, "w+", arr.dtype, shape))
                     tmp[name][1][pos : pos + len(arr)] = arr
                 pos += len(arr)
+            if pos != stop - start:
+                raise DataError(f"feature source gave {pos} rows for chunk {c} of {split!r}, expected {stop - start}")
             files = {}
             for name, (path, mm) in tmp.items():
                 mm.flush()

@@ -11,7 +11,7 @@ import torch
 from thrifty.backbones import Backbone
 from thrifty.data.base import PROTOCOLS, TaskData
 from thrifty.errors import DataError
-from thrifty.features.cache import FeatureCache
+from thrifty.features.cache import BatchSource, FeatureCache
 
 
 def extract_features(
@@ -28,11 +28,13 @@ def extract_features(
     amp: bool = False,
     checksum: str = "crc32",
     progress: bool = False,
+    batches: BatchSource | None = None,
 ) -> tuple[FeatureCache, list[dict[str, Any]]]:
     """Run the frozen `backbone` over `splits` of `task` (default: all) and store `taps` in `root`.
 
     Resumable and self-repairing: chunks already recorded and intact are kept, missing or corrupt ones are
     (re-)extracted. Returns the cache and one {'split', 'samples', 'chunks', 'extracted'} record per split.
+    `batches`: where the taps come from (default: `backbone`; see `FeatureCache.extract_split`).
     """
     names = list(task.splits) if splits is None else list(splits)
     unknown = [s for s in names if s not in task.splits]
@@ -44,7 +46,14 @@ def extract_features(
     )
     stats = [
         cache.extract_split(
-            backbone, s, task.splits[s], batch_size=batch_size, device=device, amp=amp, progress=progress
+            backbone,
+            s,
+            task.splits[s],
+            batch_size=batch_size,
+            device=device,
+            amp=amp,
+            progress=progress,
+            batches=batches,
         )
         for s in names
     ]

@@ -3,7 +3,10 @@
 Names:
 - `block.<i>`: output of block i (the residual stream after it), (B, N, D) (CNN: (B, C, H, W));
 - `pooled`: the backbone's own pooled features `pool(norm(h_L))`, (B, num_features) (the linear probe reads it);
-- `mask`: (B, N) bool, True for real tokens (text backbones: non-padding tokens).
+- `mask`: (B, N) bool, True for real tokens (text backbones: non-padding tokens);
+- `gather.<k>` (or `gather.<j>-<k>`): MIET's Gather*(B, x, k) = z_0 + ... + z_k (z_j + ... + z_k), (B, N, D), with
+  z_0 = the embedding output (the input of block 0) and z_i = the output of block i - 1 (ViT notation: z_i is the
+  residual stream after i blocks), 0 <= j <= k <= L; summed in float32.
 
 `extract_taps` runs the backbone under `torch.no_grad()`: no tensor it returns carries an autograd graph, so
 nothing inside the backbone is saved for backward, and the outputs are data (cacheable, shareable).
@@ -22,6 +25,7 @@ from thrifty.errors import ConfigError
 POOLED = "pooled"
 MASK = "mask"
 BLOCK_PREFIX = "block."
+GATHER_PREFIX = "gather."
 
 
 def block_tap(index: int) -> str:
@@ -35,6 +39,22 @@ def block_index(name: str) -> int | None:
         return None
     try:
         return int(name[len(BLOCK_PREFIX) :])
+    except ValueError:
+        return None
+
+
+def gather_tap(k: int, first: int = 0) -> str:
+    """Name of Gather*(k) = z_first + ... + z_k (see the module docstring for z_i)."""
+    return f"{GATHER_PREFIX}{k}" if first == 0 else f"{GATHER_PREFIX}{first}-{k}"
+
+
+def gather_range(name: str) -> tuple[int, int] | None:
+    """(first, k) of a `gather.<k>` / `gather.<j>-<k>` name, None for other names."""
+    if not name.startswith(GATHER_PREFIX):
+        return None
+    first, sep, last = name[len(GATHER_PREFIX) :].partition("-")
+    try:
+        return (int(first), int(last)) if sep else (0, int(first))
     except ValueError:
         return None
 
@@ -54,19 +74,23 @@ def resolve_blocks(indices: Sequence[int] | None, num_blocks: int, what: str) ->
 
 
 def canonical_taps(names: Iterable[str], num_blocks: int) -> list[str]:
-    """Validate tap names for a backbone with `num_blocks` blocks; sorted: blocks ascending, pooled, mask."""
-    blocks, others = set(), set()
+    """Validate tap names for a backbone with `num_blocks` blocks; sorted: blocks ascending, gathers, pooled, mask."""
+    blocks, gathers, others = set(), set(), set()
     for name in names:
-        idx = block_index(name)
+        idx, rng = block_index(name), gather_range(name)
         if idx is not None:
             if not -num_blocks <= idx < num_blocks:
                 raise ConfigError(f"tap {name!r}: the backbone has blocks 0..{num_blocks - 1}")
             blocks.add(idx % num_blocks)
+        elif rng is not None:
+            if not 0 <= rng[0] <= rng[1] <= num_blocks:
+                raise ConfigError(f"tap {name!r}: gather needs 0 <= first <= k <= {num_blocks} (z_0..z_{num_blocks})")
+            gathers.add(rng)
         elif name in (POOLED, MASK):
             others.add(name)
         else:
-            raise ConfigError(f"unknown tap {name!r}; use block.<i>, {POOLED} or {MASK}")
-    ordered = [block_tap(i) for i in sorted(blocks)]
+            raise ConfigError(f"unknown tap {name!r}; use block.<i>, gather.<k>, {POOLED} or {MASK}")
+    ordered = [block_tap(i) for i in sorted(blocks)] + [gather_tap(k, j) for j, k in sorted(gathers)]
     return ordered + [n for n in (POOLED, MASK) if n in others]
 
 
@@ -76,16 +100,26 @@ def extract_taps(backbone: Backbone, x: Inputs, names: Sequence[str]) -> dict[st
     n = len(backbone.blocks)
     names = canonical_taps(names, n)
     wanted = {block_index(t) for t in names} - {None}
-    last = n - 1 if POOLED in names else max(wanted, default=-1)
+    gathers = {t: r for t in names if (r := gather_range(t)) is not None}
+    last = n - 1 if POOLED in names else max([*wanted, *(k - 1 for _, k in gathers.values())], default=-1)
     h, ctx = backbone.embed(x)
     out: dict[str, torch.Tensor] = {}
+    _gather_add(out, gathers, 0, h)
     for i in range(last + 1):
         h = backbone.run_block(i, h, ctx)
         if i in wanted:
             out[block_tap(i)] = h
+        _gather_add(out, gathers, i + 1, h)
     if POOLED in names:
         out[POOLED] = backbone.pool(backbone.norm(h), ctx).contiguous()  # a CLS view would pin all of (B, N, D)
     if MASK in names:
         mask = backbone.token_mask(ctx, h)
         out[MASK] = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device) if mask is None else mask.bool()
     return out
+
+
+def _gather_add(out: dict[str, torch.Tensor], gathers: dict[str, tuple[int, int]], i: int, z: torch.Tensor) -> None:
+    """Add z_i (the stream after i blocks) to every gather whose range holds i (float32 accumulation)."""
+    for name, (first, k) in gathers.items():
+        if first <= i <= k:
+            out[name] = z.float() if name not in out else out[name] + z.float()

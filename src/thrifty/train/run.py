@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +18,11 @@ from thrifty.metrics import dir_bytes, environment, peak_step_memory_subprocess,
 from thrifty.metrics.memory import cuda_peak_step_bytes, training_step
 from thrifty.train.checkpoint import CHECKPOINT_NAME
 from thrifty.train.loop import TrainConfig, Trainer, resolve_device, to_device
-from thrifty.tuners import TunedModel, get_tuned_model, make_config
+from thrifty.tuners import TunedModel, get_method, get_tuned_model, make_config
+
+
+if TYPE_CHECKING:
+    from thrifty.serve.client import RemoteFeatures
 
 
 RESULTS_NAME = "results.json"
@@ -73,21 +77,33 @@ def run_training(
     keep_checkpoint: bool = False,
     extra: dict[str, Any] | None = None,
     cache: str | None = None,
+    remote: str | None = None,
+    token_file: str | None = None,
 ) -> dict[str, Any]:
     """Train `method` on `data` over `backbone`; save the adapter and results.json in `output_dir`.
 
     `cache`: a feature-cache directory (thrifty.features); a side method then trains from the cached taps
-    (the directory is created or completed first), which gives the same result as training on the inputs."""
+    (the directory is created or completed first), which gives the same result as training on the inputs.
+    `remote`: URL of a feature server (`thrifty serve`, bearer token in `token_file`): the backbone runs there,
+    its gathered features fill the cache (default `output_dir/features`) and only the edge network runs here."""
     train = train or TrainConfig()
     overrides = dict(overrides or {})
-    bb = load_backbone(
-        backbone, checkpoint=checkpoint, pretrained=pretrained, max_length=max_length, image_size=image_size
-    )
+    link = connect_remote(remote, token_file, backbone, checkpoint, pretrained, image_size, max_length)
+    if link is not None:
+        bb = link.backbone
+        overrides = {**link.method_defaults(get_method(method)[0]), **overrides}
+        cache = cache or (os.path.join(output_dir, "features") if output_dir else None)
+        if not cache:
+            raise ConfigError("training from a feature server needs --cache DIR or --output")
+    else:
+        bb = load_backbone(
+            backbone, checkpoint=checkpoint, pretrained=pretrained, max_length=max_length, image_size=image_size
+        )
     task = load_data(data, bb.preprocess, seed=train.seed if split_seed is None else split_seed, test_size=test_size)
     torch.manual_seed(train.seed)
     model = get_tuned_model(bb, make_config(method, overrides), task.num_classes)
     if cache:
-        task = use_feature_cache([model], task, cache, train)
+        task = use_feature_cache([model], task, cache, train, link)
     trainer = Trainer(model, task, train, output_dir)
     trainer._check_outputs(resume, overwrite)
     spec = {
@@ -101,6 +117,8 @@ def run_training(
     }
     # the fresh-process peak-memory worker feeds backbone inputs, so it does not describe a run on cached taps
     step = measure_step(model, task, train, trainer, spec, peak_memory and trainer.dist.is_main and not cache)
+    if link is not None:
+        step.update(link.metrics())  # bytes received from the server, in total and per sample
     fit = trainer.fit(resume=resume, overwrite=overwrite)
     if not trainer.dist.is_main:
         return fit
@@ -120,14 +138,43 @@ def require_side(model: TunedModel, purpose: str) -> None:
         )
 
 
-def use_feature_cache(models: list[TunedModel], task: TaskData, cache: str, train: TrainConfig) -> TaskData:
-    """The task's splits replaced by the cached taps the side `models` read (extracting what is missing); the
-    models are switched to read taps. Only side methods qualify: the others need the backbone's inside."""
+def connect_remote(
+    remote: str | None,
+    token_file: str | None,
+    backbone: str | None,
+    checkpoint: str | None,
+    pretrained: bool | None,
+    image_size: int | None,
+    max_length: int | None,
+) -> RemoteFeatures | None:
+    """A `RemoteFeatures` link to the feature server at `remote` (None without one); the backbone flags must
+    agree with what the server runs (thrifty.serve.client.RemoteFeatures.connect)."""
+    if remote is None:
+        if token_file:
+            raise ConfigError("--token-file is for --remote (a feature server); pass both or neither")
+        return None
+    if checkpoint or pretrained is False:
+        raise ConfigError("with --remote the server owns the backbone weights; drop --checkpoint / --random-init")
+    from thrifty.serve.client import RemoteFeatures
+
+    return RemoteFeatures.connect(remote, token_file, backbone=backbone, image_size=image_size, max_length=max_length)
+
+
+def use_feature_cache(
+    models: list[TunedModel], task: TaskData, cache: str, train: TrainConfig, remote: RemoteFeatures | None = None
+) -> TaskData:
+    """The task's splits replaced by the cached taps the side `models` read (extracting what is missing, from
+    the `remote` feature server if given); the models are switched to read taps. Only side methods qualify:
+    the others need the backbone's inside."""
     from thrifty.features import cached_task, roles_for
 
     for model in models:
         require_side(model, "train from a feature cache")
     taps = sorted({t for model in models for t in model.tap_names()})
+    source = {}
+    if remote is not None:
+        remote.check_taps(taps)
+        source = {"batches": remote.batches, "dtype": remote.dtype}
     out = cached_task(
         cache,
         models[0].backbone,
@@ -139,6 +186,7 @@ def use_feature_cache(models: list[TunedModel], task: TaskData, cache: str, trai
         device=resolve_device(train.device),
         amp=train.amp,
         progress=train.progress,
+        **source,
     )
     for model in models:
         model.read_taps_(True)
