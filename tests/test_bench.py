@@ -101,7 +101,7 @@ def test_shipped_suites_parse():
     assert (cells[0].flags["lr"], cells[0].flags["batch_size"], cells[0].flags["epochs"]) == (1e-3, 64, 100)
     offline = load_suite(find_suite("offline"))
     assert [t.group for t in offline.tasks] == ["text", "vision", "vision"]
-    assert len(expand(offline)) == 3 * 4 * 3 + 7 * 3  # 7 text-only rows (only_tasks: [reviews])
+    assert len(expand(offline)) == 3 * 4 * 3 + 8 * 3  # 8 text-only rows (only_tasks: [reviews])
     assert len(expand(load_suite(find_suite("smoke")))) == 4
     with pytest.raises(ConfigError, match="unknown suite"):
         find_suite("no-such-suite")

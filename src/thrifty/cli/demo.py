@@ -25,6 +25,7 @@ DEMO_METHODS: dict[str, tuple[str, dict[str, str]]] = {
     "last": ("last", {}),
     "bi_lora-1bit": ("bi_lora", {"bits": "1", "dim": "32", "scale": "1.0"}),
     "bi_adaptformer-1bit": ("bi_adaptformer", {"bits": "1", "dim": "32", "scale": "1.0"}),
+    "miet": ("miet", {"k": "6", "depth": "2", "r": "16"}),
 }
 # the offline benchmark's recipe for this task (benchmarks/suites/offline.yaml), so the demo's numbers are one seed
 # of that table
