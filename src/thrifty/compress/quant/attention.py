@@ -20,18 +20,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from thrifty.compress.quant.layers import SoftmaxQuant
+from thrifty.compress.quant.layers import QuantLinear, SoftmaxQuant
 
 
 HF_ATTN_KEY = "thrifty_quant"
+_LINEAR = (nn.Linear, QuantLinear)
 
 
 def _is_timm_attention(m: nn.Module) -> bool:
-    return hasattr(m, "fused_attn") and isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "attn_drop")
+    return hasattr(m, "fused_attn") and isinstance(getattr(m, "qkv", None), _LINEAR) and hasattr(m, "attn_drop")
 
 
 def _is_hf_attention(m: nn.Module) -> bool:
-    return all(isinstance(getattr(m, k, None), nn.Linear) for k in ("query", "key", "value")) and hasattr(m, "config")
+    return all(isinstance(getattr(m, k, None), _LINEAR) for k in ("query", "key", "value")) and hasattr(m, "config")
 
 
 def qkv_output_targets(model: nn.Module) -> dict[str, int]:

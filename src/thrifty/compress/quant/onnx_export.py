@@ -66,12 +66,12 @@ class _TextInputs(nn.Module):
         return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
 
 
-def export_onnx(model: nn.Module, path: str, example_inputs: Any, opset: int = 21) -> str:
+def export_onnx(model: nn.Module, path: str, example_inputs: Any, opset: int = 21, optimize: bool = False) -> str:
     """Export `model` (a converted, packed quantized model) with a dynamic batch axis; returns `path`."""
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     if isinstance(example_inputs, dict):
-        module: nn.Module = _TextInputs(model)
+        module: nn.Module = _TextInputs(model).eval()
         args = (example_inputs["input_ids"], example_inputs["attention_mask"])
         names = ["input_ids", "attention_mask"]
         dynamic = {"input_ids": {0: batch}, "attention_mask": {0: batch}}
@@ -94,6 +94,7 @@ def export_onnx(model: nn.Module, path: str, example_inputs: Any, opset: int = 2
             dynamic_shapes=dynamic,
             custom_translation_table=table,
             external_data=False,
+            optimize=optimize,
             verbose=False,
         )
     return path
