@@ -9,7 +9,7 @@ import sys
 from thrifty.errors import ThriftyError
 
 
-COMMANDS = ["train", "eval", "info", "profile"]
+COMMANDS = ["train", "eval", "info", "profile", "quantize"]
 
 
 def build_parser() -> argparse.ArgumentParser:

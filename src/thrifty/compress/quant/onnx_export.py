@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -82,7 +83,8 @@ def export_onnx(model: nn.Module, path: str, example_inputs: Any, opset: int = 2
         torch.ops.thrifty.dequantize_per_channel.default: _dequantize_onnx,
         torch.ops.thrifty.fake_quant_uint8.default: _fake_quant_onnx,
     }
-    with export_mode(model), torch.no_grad():
+    with export_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         torch.onnx.export(
             module,
             args,
