@@ -228,12 +228,12 @@ def main() -> None:
 
 
 def _print(results: dict[str, Any]) -> None:
-    for name, res in results["models"].items():
+    for res in results["models"].values():
         info = res["info"]
         print(f"\n## {info['backbone']} on {info['data']} ({info['finetune']} fine-tuning)\n")
         cols = [("bits", "bits"), ("method", "method"), ("accuracy", "test acc"), ("extra_params", "extra params")]
         cols += [("same_params_as_ptq", "= PTQ params"), ("pytorch_latency_ms", "PyTorch sim ms")]
-        print_table(res["rows"], cols + [("convert_seconds", "convert s")])
+        print_table(res["rows"], [*cols, ("convert_seconds", "convert s")])
         if "onnx" in res:
             o = res["onnx"]
             table = [{"method": k, **v} for k, v in o.items() if isinstance(v, dict)]

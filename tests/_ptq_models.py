@@ -25,9 +25,7 @@ def tiny_bert() -> Backbone:
 
     from thrifty.backbones.hf_encoder import HFEncoder
 
-    cfg = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     cfg._attn_implementation = "sdpa"
     model = BertModel(cfg, add_pooling_layer=False).eval()
     tok = SimpleNamespace(vocab_size=64, name_or_path="tiny")

@@ -89,7 +89,9 @@ def test_channel_affine_matches_per_channel_lstsq():
         acc.update(yq[chunk], yf[chunk])
     a, beta = acc.solve(eps=0.0)
     for c in range(5):
-        sol = torch.linalg.lstsq(torch.stack([yq[:, c], torch.ones(500, dtype=yq.dtype)], 1), yf[:, c : c + 1]).solution
+        sol = torch.linalg.lstsq(
+            torch.stack([yq[:, c], torch.ones(500, dtype=yq.dtype)], 1), yf[:, c : c + 1]
+        ).solution
         assert abs(float(a[c] - sol[0, 0])) < 1e-9 and abs(float(beta[c] - sol[1, 0])) < 1e-9
     before = acc.sse(torch.ones_like(a), torch.zeros_like(beta))
     assert abs(before - float(((yf - yq) ** 2).sum())) < 1e-6 * before

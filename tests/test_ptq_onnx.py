@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from _ptq_models import batches, tiny_bert, tiny_cnn, tiny_vit, tuned
 
+from _ptq_models import batches, tiny_bert, tiny_cnn, tiny_vit, tuned
 from thrifty.compress import PTQConfig, QwTConfig, QwTV2Config, quantize_
 from thrifty.compress.quant.onnx_export import export_onnx, ort_logits, ort_session
 

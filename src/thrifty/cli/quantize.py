@@ -88,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
     else:
-        warnings.warn("no --adapter: quantizing the backbone with an untrained head (accuracy is meaningless)")
+        warnings.warn(
+            "no --adapter: quantizing the backbone with an untrained head (accuracy is meaningless)", stacklevel=2
+        )
         model = get_tuned_model(bb, make_config("linear"), task.num_classes)
     model.eval()
     results: dict[str, typing.Any] = {"backbone": args.backbone, "data": task.name, "method": args.method}

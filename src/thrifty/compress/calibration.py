@@ -11,7 +11,7 @@ vocabulary, validated here and nowhere else.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ import torch
 from thrifty.errors import ConfigError
 
 
-class CalibrationStep(str, Enum):
+class CalibrationStep(StrEnum):
     PREPARE = "prepare"
     CONVERT = "convert"
     PREPARE_FOR_LOADING = "prepare_for_loading"

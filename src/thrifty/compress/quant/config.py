@@ -103,8 +103,10 @@ class _CompensationConfig(_QuantConfig):
     calib_samples: int = field(default=512, metadata={"help": "samples recorded for the compensation fit"})
     cache_hidden: bool = field(
         default=True,
-        metadata={"help": "keep the block inputs of all samples (float32, like the reference code); False "
-        "re-runs the quantized prefix per batch (memory of one batch, quadratic time in depth)"},
+        metadata={
+            "help": "keep the block inputs of all samples (float32, like the reference code); False "
+            "re-runs the quantized prefix per batch (memory of one batch, quadratic time in depth)"
+        },
     )
 
     def __post_init__(self) -> None:

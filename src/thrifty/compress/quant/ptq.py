@@ -117,7 +117,9 @@ def prepare_ptq_(model: nn.Module, config: PTQConfig, filter_fn: FilterFn | None
 def _fold_bn_(conv: QuantConv2d, bn: nn.BatchNorm2d) -> None:
     """W <- W * g / sqrt(var + eps), b <- (b - mean) * g / sqrt(var + eps) + beta (eval-mode BatchNorm)."""
     with torch.no_grad():
-        inv = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        inv = (
+            bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+        )
         shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
         conv.weight.mul_(inv.view(-1, 1, 1, 1))
         conv.bias.copy_((conv.bias - bn.running_mean) * inv + shift)

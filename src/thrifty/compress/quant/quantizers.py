@@ -79,7 +79,7 @@ def quant_dequant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: 
 
 
 def quantiles(values: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
-    """Row-wise quantiles with linear interpolation (as torch.quantile) from one sort. values (R, M) -> (len(qs), R)."""
+    """Row-wise quantiles, linear interpolation as torch.quantile, from one sort. (R, M) -> (len(qs), R)."""
     srt = values.sort(dim=1).values
     m = srt.shape[1]
     pos = torch.tensor(qs, dtype=torch.float64) * (m - 1)

@@ -14,6 +14,7 @@ exactly the parameters and operations of the plain PTQ model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -109,10 +110,8 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
             try:
                 for s in states(k):
                     mask_ref[0] = _mask(pipe, s)
-                    try:
+                    with contextlib.suppress(_Stop):
                         fn(s)
-                    except _Stop:
-                        pass
             finally:
                 handle.remove()
             a, beta = stats.solve(config.eps)
