@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 
 from thrifty.backbones import load_backbone
 from thrifty.cli.common import print_table
-from thrifty.compress import PTQConfig, QwTConfig, quantize_, run_calibration
-from thrifty.compress.quant.config import make_quant_config
+from thrifty.compress import PTQConfig, QwTConfig, QwTV2Config, quantize_, run_calibration
+from thrifty.compress.quant.config import parse_bits
 from thrifty.compress.quant.onnx_export import (
     evaluate_onnx,
     export_onnx,
@@ -38,6 +38,9 @@ from thrifty.compress.quant.onnx_export import (
     ort_session,
 )
 from thrifty.compress.quant.pipeline import stop_recording
+from thrifty.compress.quant.ptq import convert_ptq_, pack_
+from thrifty.compress.quant.qwt import compensate_qwt_
+from thrifty.compress.quant.qwt_v2 import compensate_qwt_v2_
 from thrifty.compress.quant.serialize import size_report
 from thrifty.data import load_data
 from thrifty.io import write_json
@@ -107,22 +110,32 @@ def run_model(name: str, args: argparse.Namespace, work: str) -> dict[str, Any]:
     lat_x = latency_batch(task, args.latency_batch)
     rows = [{"method": "fp", "bits": "-", **_eval(model, test, lat_x, args)}]
     calib = DataLoader(task.split("train"), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
-    prepared = copy.deepcopy(model)  # one calibration pass serves every method and width (prepare is bit-free)
-    quantize_(prepared, QwTConfig(base_config=PTQConfig(), calib_samples=args.calib_samples))
+    # One calibration pass serves every width (prepare is bit-free), and one base-PTQ convert per width serves the
+    # three methods: QwT / QwT-v2 continue from a copy of it (what their own convert step does internally).
+    prepared = copy.deepcopy(model)
+    base = PTQConfig(observer_samples=args.observer_samples)
+    quantize_(prepared, QwTConfig(base_config=base, calib_samples=args.calib_samples))
     run_calibration(prepared, calib, args.calib_samples)
+    batches = stop_recording(prepared)
     onnx_models: dict[str, Any] = {}
     for bits in args.bits:
+        w, a = parse_bits(bits)
+        ptq_cfg = base.replace(w_bits=w, a_bits=a, step="convert")
+        t = time.perf_counter()
+        converted = copy.deepcopy(prepared)
+        convert_ptq_(converted, ptq_cfg, pack=False)
+        ptq_seconds = time.perf_counter() - t
         plain_numel = None
         for method in METHODS:
-            m = copy.deepcopy(prepared)
-            cfg = make_quant_config(method, bits, step="convert")
-            if method == "ptq":
-                stop_recording(m)
-            else:
-                cfg = cfg.replace(calib_samples=args.calib_samples)
+            m = copy.deepcopy(converted)
             t = time.perf_counter()
-            quantize_(m, cfg)
-            seconds = time.perf_counter() - t
+            if method == "ptq":
+                pack_(m)
+            elif method == "qwt":
+                compensate_qwt_(m, QwTConfig(base_config=ptq_cfg, calib_samples=args.calib_samples), batches)
+            else:
+                compensate_qwt_v2_(m, QwTV2Config(base_config=ptq_cfg, calib_samples=args.calib_samples), batches)
+            seconds = ptq_seconds + time.perf_counter() - t
             size = size_report(m)
             plain_numel = size["state_dict_numel"] if method == "ptq" else plain_numel
             row = {"method": method, "bits": bits, "convert_seconds": seconds, **_eval(m, test, lat_x, args)}
@@ -138,6 +151,7 @@ def run_model(name: str, args: argparse.Namespace, work: str) -> dict[str, Any]:
             if bits == args.onnx_bits and not args.no_onnx:
                 onnx_models[method] = m
             del m
+        del converted
     out = {"info": info, "rows": rows}
     if onnx_models:
         out["onnx"] = _onnx(onnx_models, task, lat_x, args, os.path.join(work, f"onnx_{name}"))
@@ -202,6 +216,7 @@ def main() -> None:
     p.add_argument("--text-test", type=int, default=400)
     p.add_argument("--image-test", type=int, default=1000)
     p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--observer-samples", type=int, default=2**16, help="values kept per activation quantizer")
     p.add_argument("--latency-batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--onnx-bits", default="w8a8")

@@ -189,7 +189,13 @@ def prepare_qwt_(model: nn.Module, config, filter_fn=None) -> None:
 
 def convert_qwt_(model: nn.Module, config: QwTConfig) -> dict[str, Any]:
     batches = stop_recording(model)
-    spec = convert_ptq_(model, config.base_config, pack=False)
+    convert_ptq_(model, config.base_config, pack=False)
+    return compensate_qwt_(model, config, batches)
+
+
+def compensate_qwt_(model: nn.Module, config: QwTConfig, batches: list[Any]) -> dict[str, Any]:
+    """QwT on a model already converted by the base PTQ with pack=False (then packs if the base config says so)."""
+    spec = quant_state_of(model)["spec"]
     log = fit_qwt_(model, config, batches)
     if config.base_config.pack:
         pack_(model)

@@ -152,7 +152,13 @@ def prepare_qwt_v2_(model: nn.Module, config: QwTV2Config, filter_fn=None) -> No
 
 def convert_qwt_v2_(model: nn.Module, config: QwTV2Config) -> dict[str, Any]:
     batches = stop_recording(model)
-    spec = convert_ptq_(model, config.base_config, pack=False)
+    convert_ptq_(model, config.base_config, pack=False)
+    return compensate_qwt_v2_(model, config, batches)
+
+
+def compensate_qwt_v2_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> dict[str, Any]:
+    """CWAC on a model already converted by the base PTQ with pack=False (then packs and folds per config)."""
+    spec = quant_state_of(model)["spec"]
     log = fit_cwac_(model, config, batches)
     if config.base_config.pack:
         pack_(model)
