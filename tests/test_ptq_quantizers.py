@@ -112,3 +112,18 @@ def test_config_validation():
         pass
     else:
         raise AssertionError("folding without packing must be refused")
+
+
+def test_cli_options_are_typed_and_checked():
+    from thrifty.cli.quantize import quant_options
+
+    opts = quant_options("qwt", {"ridge": "0.01", "cache_hidden": "false", "edge_bits": "none", "percentiles": "0.99"})
+    assert opts == {"ridge": 0.01, "cache_hidden": False, "edge_bits": None, "percentiles": [0.99]}
+    cfg = make_quant_config("qwt", "w4a8", **opts)
+    assert cfg.base_config.percentiles == (0.99,) and cfg.base_config.edge_bits is None
+    for bad in ({"nope": "1"}, {"w_bits": "4"}, {"ridge": "x"}):
+        try:
+            quant_options("qwt", bad)
+        except ConfigError:
+            continue
+        raise AssertionError(f"{bad} must be refused")
