@@ -7,7 +7,7 @@ the training split only. Reports test accuracy, extra parameters, PyTorch (fake-
 W8A8 the ONNX (onnxruntime, CPU) accuracy against PyTorch and the CPU latency ratios folded QwT-v2 / PTQ and
 QwT / PTQ, measured interleaved in one run. Writes JSON and prints Markdown tables.
 
-Full run (about 20 min on 2 CPU cores; see docs/methods.md):
+Full run (estimated 18-22 min on 2 otherwise idle CPU cores; see docs/methods.md):
     PYTHONPATH=src python benchmarks/ptq_compensation.py --output benchmarks/results/ptq_compensation.json
 Tiny check:
     PYTHONPATH=src python benchmarks/ptq_compensation.py --quick --output /tmp/ptq_quick.json
@@ -140,7 +140,7 @@ def run_model(name: str, args: argparse.Namespace, work: str) -> dict[str, Any]:
             plain_numel = size["state_dict_numel"] if method == "ptq" else plain_numel
             row = {"method": method, "bits": bits, "convert_seconds": seconds, **_eval(m, test, lat_x, args)}
             row.update(extra_params=size["compensation_params"], storage_bytes=size["storage_bytes"])
-            row["same_params_as_ptq"] = size["state_dict_numel"] == plain_numel
+            row["same_params_as_ptq"] = "yes" if size["state_dict_numel"] == plain_numel else "no"
             log = m.thrifty_quant["spec"].get("compensation_log", [])
             if method == "qwt":
                 row["r2"] = [round(e["r2"], 4) for e in log]
@@ -162,7 +162,7 @@ def run_model(name: str, args: argparse.Namespace, work: str) -> dict[str, Any]:
 def _eval(model, test, lat_x, args) -> dict[str, Any]:
     res = evaluate(model, test, 64)
     with torch.no_grad():
-        lat = median_latency(lambda: model(lat_x), repeats=args.repeats, warmup=1)
+        lat = median_latency(lambda: model(lat_x), repeats=args.torch_repeats, warmup=1)
     return {"accuracy": res["accuracy"], "pytorch_latency_ms": 1000 * lat}
 
 
@@ -209,16 +209,17 @@ def main() -> None:
     p.add_argument("--output", required=True, help="JSON results file")
     p.add_argument("--models", nargs="+", default=["text", "image"], choices=["text", "image"])
     p.add_argument("--bits", nargs="+", default=BITS)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--text-ft", default="full", choices=["full", "lora"], help="minilm: full FT or merged LoRA")
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--text-test", type=int, default=400)
-    p.add_argument("--image-test", type=int, default=1000)
-    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=48)
+    p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--text-test", type=int, default=300)
+    p.add_argument("--image-test", type=int, default=500)
+    p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--observer-samples", type=int, default=2**16, help="values kept per activation quantizer")
-    p.add_argument("--latency-batch", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--latency-batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=10, help="onnxruntime latency repeats (interleaved)")
+    p.add_argument("--torch-repeats", type=int, default=3, help="PyTorch simulation latency repeats")
     p.add_argument("--onnx-bits", default="w8a8")
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--threads", type=int, default=2)
@@ -228,7 +229,7 @@ def main() -> None:
     if args.quick:
         args.epochs, args.text_test, args.image_test = 1, 40, 60
         args.max_length, args.image_size, args.calib_samples = 32, 32, 32
-        args.bits, args.repeats, args.latency_batch = ["w4a8", "w8a8"], 3, 8
+        args.bits, args.repeats, args.torch_repeats, args.latency_batch = ["w4a8", "w8a8"], 3, 1, 8
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
