@@ -190,10 +190,11 @@ def _onnx(models: dict[str, Any], task, lat_x, args, directory: str) -> dict[str
     for _ in range(2):
         for s in sessions.values():
             s.run(None, feed)
-    for _ in range(args.repeats):
-        for k, s in sessions.items():
+    order = list(sessions)
+    for r in range(args.repeats):
+        for k in order[r % len(order) :] + order[: r % len(order)]:  # rotate: no session always runs first
             t = time.perf_counter()
-            s.run(None, feed)
+            sessions[k].run(None, feed)
             times[k].append(time.perf_counter() - t)
     for k in sessions:
         res[k]["ort_latency_ms"] = 1000 * float(torch.tensor(times[k]).median())
