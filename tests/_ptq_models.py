@@ -11,7 +11,7 @@ from thrifty.backbones.base import Backbone
 from thrifty.backbones.preprocess import ImagePreprocess, TextPreprocess
 
 
-def tiny_vit() -> Backbone:
+def ptq_vit() -> Backbone:
     import timm
 
     from thrifty.backbones.timm_vit import TimmViT
@@ -20,7 +20,7 @@ def tiny_vit() -> Backbone:
     return TimmViT("timm:tiny", model, ImagePreprocess(size=(32, 32)), "random").freeze_().eval()
 
 
-def tiny_bert() -> Backbone:
+def ptq_bert() -> Backbone:
     from transformers import BertConfig, BertModel
 
     from thrifty.backbones.hf_encoder import HFEncoder
@@ -79,7 +79,7 @@ class TinyCNN(Backbone):
         return h.mean((2, 3))
 
 
-def tiny_cnn() -> Backbone:
+def ptq_cnn() -> Backbone:
     return TinyCNN().freeze_().eval()
 
 

@@ -6,9 +6,6 @@ from thrifty.compress.quant.lstsq import ChannelAffine, NormalEquations
 from thrifty.compress.quant.qwt import conv_groups
 
 
-torch.set_num_threads(1)
-
-
 def _data(n=300, f=6, m=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, f, generator=g, dtype=torch.float64)

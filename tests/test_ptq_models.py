@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from _ptq_models import batches, tiny_bert, tiny_cnn, tiny_vit, tuned
+from _ptq_models import batches, ptq_bert, ptq_cnn, ptq_vit, tuned
 from thrifty.compress import PTQConfig, QwTConfig, QwTV2Config, load_quantized, quantize_, save_quantized
 from thrifty.compress.quant import QuantConv2d, QuantLinear, SoftmaxQuant, quant_state, set_quant_state
 from thrifty.compress.quant.layers import quant_modules
@@ -15,8 +15,7 @@ from thrifty.compress.quant.serialize import size_report
 from thrifty.errors import ConfigError
 
 
-torch.set_num_threads(1)
-BACKBONES = {"vit": tiny_vit, "bert": tiny_bert, "cnn": tiny_cnn}
+BACKBONES = {"vit": ptq_vit, "bert": ptq_bert, "cnn": ptq_cnn}
 
 
 @pytest.fixture(scope="module", params=sorted(BACKBONES))

@@ -7,25 +7,22 @@ import onnx
 import pytest
 import torch
 
-from _ptq_models import batches, tiny_bert, tiny_cnn, tiny_vit, tuned
+from _ptq_models import batches, ptq_bert, ptq_cnn, ptq_vit, tuned
 from thrifty.compress import PTQConfig, QwTConfig, QwTV2Config, quantize_
 from thrifty.compress.quant.onnx_export import export_onnx, ort_logits, ort_session
-
-
-torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize(
     ("name", "make", "config"),
     [
-        ("vit-qwt_v2-w8a8", tiny_vit, QwTV2Config(base_config=PTQConfig(w_bits=8, a_bits=8))),
+        ("vit-qwt_v2-w8a8", ptq_vit, QwTV2Config(base_config=PTQConfig(w_bits=8, a_bits=8))),
         pytest.param(
             "bert-qwt-w8a8",
-            tiny_bert,
+            ptq_bert,
             QwTConfig(base_config=PTQConfig(w_bits=8, a_bits=8)),
             marks=pytest.mark.slow,  # ~25 s: the exporter walks every HF op; run with -m slow
         ),
-        ("cnn-qwt-w4a6", tiny_cnn, QwTConfig(base_config=PTQConfig(w_bits=4, a_bits=6))),
+        ("cnn-qwt-w4a6", ptq_cnn, QwTConfig(base_config=PTQConfig(w_bits=4, a_bits=6))),
     ],
 )
 def test_export_runs_in_onnxruntime_and_matches(name, make, config, tmp_path):

@@ -11,7 +11,6 @@ from thrifty.compress.quant.serialize import _pack_nibbles, _unpack_nibbles
 from thrifty.errors import ConfigError
 
 
-torch.set_num_threads(1)
 bits_st = st.integers(2, 8)
 seed_st = st.integers(0, 2**16)
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from thrifty.backbones.base import AdapterSite, Backbone, Inputs
+import torch
+
+from thrifty.backbones.base import AdapterSite, Backbone, Inputs, ProjectionSite
 from thrifty.backbones.preprocess import ImagePreprocess, TextPreprocess
 from thrifty.errors import SpecError
-
-
-PACKAGED_ALIASES = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "all-minilm-l6-v2": None}
 
 
 def load_backbone(
@@ -22,8 +21,16 @@ def load_backbone(
 
     Specs: `timm:<model name>` (e.g. `timm:vit_base_patch16_224.orig_in21k`), `hf:<id or local dir>`,
     `minilm` (packaged all-MiniLM-L6-v2), `efficientnet-lite0` (packaged ImageNet CNN).
-    `pretrained=None` means: hub/packaged weights unless `checkpoint` is given; False means random init.
+    `pretrained=None` means: hub/packaged weights unless `checkpoint` is given; False means random init, seeded
+    with 0 (the global RNG is left untouched) so that every process builds the same random backbone.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        bb = _load(spec, checkpoint=checkpoint, pretrained=pretrained, image_size=image_size, max_length=max_length)
+    return bb.freeze_().eval()
+
+
+def _load(spec: str, *, checkpoint, pretrained, image_size, max_length) -> Backbone:
     if spec.startswith("timm:"):
         from thrifty.backbones.timm_vit import load_timm_vit
 
@@ -48,7 +55,7 @@ def load_backbone(
         raise SpecError(
             f"unknown backbone spec {spec!r}; use timm:<name>, hf:<id or path>, minilm or efficientnet-lite0"
         )
-    return bb.freeze_().eval()
+    return bb
 
 
-__all__ = ["AdapterSite", "Backbone", "ImagePreprocess", "Inputs", "TextPreprocess", "load_backbone"]
+__all__ = ["AdapterSite", "Backbone", "ImagePreprocess", "Inputs", "ProjectionSite", "TextPreprocess", "load_backbone"]

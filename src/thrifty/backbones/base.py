@@ -31,11 +31,29 @@ class AdapterSite:
 
     timm ViT: read = `norm2` (its input is the post-attention residual stream), add = `mlp`.
     BERT (post-LN): read = `intermediate` (input = attention output), add = `output.dense` (before its LayerNorm).
+    EfficientNet: read = add = a residual MBConv block (the adapter runs beside the whole block, 1x1 convs).
     """
 
     read: nn.Module
     add: nn.Module
     dim: int
+    channel_dim: int = -1  # 1 for (B, C, H, W) feature maps (CNNs)
+
+
+@dataclass(frozen=True)
+class ProjectionSite:
+    """Output columns [start, stop) of the nn.Linear `parent.<attr>`: where a LoRA-style update of one attention
+    projection is added (Bi-LoRA). timm ViT: q = attn.qkv[0:D], v = attn.qkv[2D:3D] of the fused qkv Linear;
+    BERT: q = attention.self.query[0:D], v = attention.self.value[0:D]."""
+
+    parent: nn.Module
+    attr: str
+    start: int
+    stop: int
+
+    @property
+    def linear(self) -> nn.Module:
+        return getattr(self.parent, self.attr)
 
 
 class Backbone(nn.Module):
@@ -83,6 +101,11 @@ class Backbone(nn.Module):
 
     def adapter_sites(self) -> list[AdapterSite]:
         raise NotImplementedError(f"{type(self).__name__} has no adapter sites")
+
+    def attention_qv_sites(self) -> list[tuple[ProjectionSite, ProjectionSite]]:
+        """(query, value) projection sites of each block's self-attention, in block order (input = the attention
+        input, i.e. norm1(x) in a pre-LN ViT)."""
+        raise NotImplementedError(f"{type(self).__name__} has no attention q/v sites")
 
     def default_target_modules(self) -> list[str]:
         """PEFT-style default LoRA targets for this architecture."""

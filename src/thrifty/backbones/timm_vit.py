@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thrifty.backbones.base import AdapterSite, Backbone, file_sha256, model_fingerprint
+from thrifty.backbones.base import AdapterSite, Backbone, ProjectionSite, file_sha256, model_fingerprint
 from thrifty.backbones.preprocess import ImagePreprocess
 from thrifty.errors import CheckpointError, SpecError
 
@@ -50,6 +50,16 @@ class TimmViT(Backbone):
 
     def adapter_sites(self) -> list[AdapterSite]:
         return [AdapterSite(read=b.norm2, add=b.mlp, dim=self.num_features) for b in self.blocks]
+
+    def attention_qv_sites(self) -> list[tuple[ProjectionSite, ProjectionSite]]:
+        sites = []
+        for i, b in enumerate(self.blocks):
+            qkv = getattr(getattr(b, "attn", None), "qkv", None)
+            if qkv is None:
+                raise SpecError(f"{self.name}: block {i} has no fused `attn.qkv`; q/v sites are unknown")
+            d = int(qkv.out_features) // 3  # timm reshapes qkv to (B, N, 3, heads, head_dim): q | k | v
+            sites.append((ProjectionSite(b.attn, "qkv", 0, d), ProjectionSite(b.attn, "qkv", 2 * d, 3 * d)))
+        return sites
 
     def default_target_modules(self) -> list[str]:
         return ["qkv"]

@@ -128,30 +128,35 @@ def backbone_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse twice: first to find `-c FILE` and the subcommand, then with the file's values as defaults."""
+    """Parse argv; a `-c FILE` supplies defaults for the subcommand's flags (flags on the command line win)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-c", "--config")
+    known, _ = pre.parse_known_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    sub = getattr(parser, "subcommands", {}).get(command)
+    file_sets: dict[str, str] = {}
+    if known.config and sub is not None:
+        data = load_config_file(known.config)
+        file_sets = {str(k): str(v) for k, v in (data.pop("set", None) or {}).items()}
+        actions = {a.dest: a for a in sub._actions}
+        defaults = {}
+        for key, value in data.items():
+            dest = key.replace("-", "_")
+            if dest not in actions or dest in ("help", "config", "set"):
+                raise ConfigError(f"{known.config}: unknown option {key!r} for `thrifty {command}`")
+            defaults[dest] = value
+            actions[dest].required = False  # the file provides it
+        sub.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    path = getattr(args, "config", None)
-    if not path:
-        args.overrides = parse_sets(getattr(args, "set", None))
-        return args
-    data = load_config_file(path)
-    file_sets = {str(k): str(v) for k, v in (data.pop("set", None) or {}).items()}
-    sub = args._subparser
-    known = {a.dest for a in sub._actions}
-    defaults = {}
-    for key, value in data.items():
-        dest = key.replace("-", "_")
-        if dest not in known:
-            raise ConfigError(f"{path}: unknown option {key!r} for `thrifty {args.command}`")
-        defaults[dest] = value
-    sub.set_defaults(**defaults)
-    args = parser.parse_args(argv)
-    args.overrides = {**file_sets, **parse_sets(args.set)}
+    args.overrides = {**file_sets, **parse_sets(getattr(args, "set", None))}
     return args
 
 
 def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"func", "_subparser", "config", "set"}
+    skip = {"func", "config", "set"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 

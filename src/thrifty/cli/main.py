@@ -9,7 +9,7 @@ import sys
 from thrifty.errors import ThriftyError
 
 
-COMMANDS = ["train", "eval", "info", "profile", "quantize"]
+COMMANDS = ["train", "eval", "info", "profile", "demo", "extract", "export-bin", "bench", "report", "quantize"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"thrifty {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.subcommands = {}
     for name in COMMANDS:
         module = importlib.import_module(f"thrifty.cli.{name.replace('-', '_')}")
         p = module.register(sub)
-        p.set_defaults(func=module.run, _subparser=p)
+        p.set_defaults(func=module.run)
+        parser.subcommands[name] = p
     return parser
 
 

@@ -35,6 +35,16 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace finished results in --output")
     g.add_argument("--no-peak-memory", action="store_true", help="skip the fresh-process peak-memory measurement")
     g.add_argument("--keep-checkpoint", action="store_true", help="keep checkpoint.safetensors after success")
+    g = p.add_argument_group("side methods")
+    g.add_argument("--cache", help="feature-cache dir (thrifty extract): train a side method from cached taps")
+    g.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="train every combination together on one backbone pass (repeatable; training or method options); "
+        "writes one run per combination under --output plus summary.md",
+    )
     return p
 
 
@@ -48,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolved_config(args)
     text = yaml.safe_dump(cfg, sort_keys=True)
     write_text(os.path.join(args.output, "config.yaml"), text)
+    if args.sweep:
+        return run_sweep_cli(args)
     results = run_training(
         backbone=args.backbone,
         data=args.data,
@@ -61,8 +73,34 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         peak_memory=not args.no_peak_memory,
         keep_checkpoint=args.keep_checkpoint,
+        cache=args.cache,
         **backbone_kwargs(args),
     )
     if "metrics" in results:
         print(json.dumps({k: v for k, v in results["metrics"].items()}, indent=2))
+    return 0
+
+
+def run_sweep_cli(args: argparse.Namespace) -> int:
+    from thrifty.errors import ConfigError
+    from thrifty.train.sweep import parse_sweep, run_sweep
+
+    if args.resume:
+        raise ConfigError("--resume is not supported with --sweep; rerun the sweep (use --overwrite)")
+    summary = run_sweep(
+        backbone=args.backbone,
+        data=args.data,
+        method=args.method,
+        sweep=parse_sweep(args.sweep),
+        overrides=args.overrides,
+        train=train_config(args),
+        output_dir=args.output,
+        cache=args.cache,
+        test_size=args.test_size,
+        split_seed=args.split_seed,
+        overwrite=args.overwrite,
+        **backbone_kwargs(args),
+    )
+    print(summary["table"])
+    print(summary["selection"] + (f": {summary['selected']}" if summary["selected"] else ""))
     return 0

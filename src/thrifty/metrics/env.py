@@ -31,12 +31,25 @@ def git_sha() -> str | None:
         return None
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     info = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor(),
+        "cpu_model": cpu_model(),
         "cpu_count": __import__("os").cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),

@@ -5,8 +5,9 @@ for the backward pass during one forward, de-duplicated by storage, *excluding p
 to compute input gradients is not an activation). It is exact and device independent.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` around the step. On CPU, the step runs in a fresh process
-(`python -m thrifty.metrics.peak_worker`) and we report the growth of its peak resident set (VmHWM, reset through
-/proc/self/clear_refs just before the step) over its resident set before the step.
+(`python -m thrifty.metrics.peak_worker`, glibc's mmap threshold fixed so freed tensors leave the resident set)
+and we report the growth of its peak resident set (VmHWM, reset through /proc/self/clear_refs just before the
+step, after a warm-up step and `malloc_trim`) over its resident set before the step.
 """
 
 from __future__ import annotations
@@ -84,11 +85,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so RSS before the step holds only live memory."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def cpu_peak_growth(step: Callable[[], Any]) -> int:
     """Peak RSS growth (bytes) while `step()` runs in this process; call it in a fresh process."""
     import gc
 
     gc.collect()
+    _malloc_trim()
     if not reset_peak_rss():
         raise OSError("cannot reset the peak RSS (/proc/self/clear_refs); peak memory is unavailable here")
     before = _status_kb("VmRSS")
@@ -98,7 +109,8 @@ def cpu_peak_growth(step: Callable[[], Any]) -> int:
 
 def peak_step_memory_subprocess(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run `thrifty.metrics.peak_worker` on `spec` in a fresh process; returns its JSON answer."""
-    env = dict(os.environ)
+    # a fixed mmap threshold makes glibc return large freed blocks at once, so RSS tracks live tensors
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.run(
         [sys.executable, "-m", "thrifty.metrics.peak_worker"],
         input=json.dumps(spec),

@@ -46,7 +46,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     try:
         with safe_open(path, framework="pt") as fh:
             meta = fh.metadata()
-            tensors = {k: fh.get_tensor(k) for k in fh}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except Exception as exc:  # safetensors raises several types for truncated files
         raise CheckpointError(f"checkpoint {path} is unreadable ({exc}); it may be truncated") from exc
     out: dict[str, Any] = {"model": {}, "extra": {}, "state": json.loads(meta["state"])}

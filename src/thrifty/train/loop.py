@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -83,20 +84,52 @@ def evaluate(
     desc: str = "eval",
 ) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of `model` on `dataset`."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    return evaluate_many({"model": model}, dataset, batch_size, device, amp, progress, desc)["model"]
+
+
+@torch.no_grad()
+def evaluate_many(
+    models: dict[str, nn.Module],
+    dataset: LabelledDataset,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    amp: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+    prepare: Callable[[Any], Any] | None = None,
+    forward: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+) -> dict[str, dict[str, float]]:
+    """`evaluate` for several models in one pass over `dataset`: `prepare(inputs)` runs once per batch (e.g. a
+    frozen backbone shared by side networks), then `forward(model, prepared)` (default `model(prepared)`) each."""
+    device = device or next(next(iter(models.values())).parameters()).device
+    was_training = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    correct, total, loss_sum = 0, 0, 0.0
+    sums = {k: [0, 0.0] for k in models}  # correct, loss sum
+    total = 0
     for inputs, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
         inputs, labels = to_device(inputs, device), labels.to(device)
         with _autocast(device, amp):
-            logits = model(inputs).float()
-        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(-1) == labels).sum())
+            shared = prepare(inputs) if prepare is not None else inputs
+            outs = {k: (forward(m, shared) if forward is not None else m(shared)).float() for k, m in models.items()}
+        for k, logits in outs.items():
+            sums[k][0] += int((logits.argmax(-1) == labels).sum())
+            sums[k][1] += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
         total += len(labels)
-    model.train(was_training)
-    return {"accuracy": correct / max(1, total), "loss": loss_sum / max(1, total), "samples": total}
+    for k, m in models.items():
+        m.train(was_training[k])
+    n = max(1, total)
+    return {k: {"accuracy": c / n, "loss": loss / n, "samples": total} for k, (c, loss) in sums.items()}
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, model: nn.Module, grad_clip: float | None):
+    """zero_grad, backward, clip the trainable gradients to `grad_clip` (if set), step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
 
 
 class Trainer:
@@ -137,7 +170,7 @@ class Trainer:
         return os.path.join(self.output_dir, CHECKPOINT_NAME) if self.output_dir else None
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _save(self, epoch: int) -> None:
         if not (self.checkpoint_path and self.dist.is_main):
@@ -203,6 +236,9 @@ class Trainer:
                     self.best_state = self._trainable_state()
             self.history.append(record)
             self._save(epoch)
+            if self.dist.is_main:
+                val = f", val acc {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}{val}, {seconds:.1f} s")
             barrier(self.dist)
         return self._finish(epoch_times)
 
@@ -234,11 +270,7 @@ class Trainer:
                     f"stopped. Last good checkpoint: {last}. Lower --lr, keep grad clipping "
                     "on, or check the inputs for NaN/inf."
                 )
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.grad_clip)
-            self.optimizer.step()
+            optimizer_step(self.optimizer, loss, self.model, cfg.grad_clip)
             loss_sum += loss.item() * len(labels)
             n += len(labels)
             bar.set_postfix(loss=f"{loss_sum / n:.4f}")

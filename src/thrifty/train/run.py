@@ -11,13 +11,14 @@ from typing import Any
 import torch
 
 from thrifty.backbones import load_backbone
-from thrifty.data import load_data
+from thrifty.data import TaskData, load_data
+from thrifty.errors import ConfigError
 from thrifty.io import write_json
 from thrifty.metrics import dir_bytes, environment, peak_step_memory_subprocess, saved_activation_bytes
 from thrifty.metrics.memory import cuda_peak_step_bytes, training_step
 from thrifty.train.checkpoint import CHECKPOINT_NAME
-from thrifty.train.loop import TrainConfig, Trainer, to_device
-from thrifty.tuners import get_tuned_model, make_config
+from thrifty.train.loop import TrainConfig, Trainer, resolve_device, to_device
+from thrifty.tuners import TunedModel, get_tuned_model, make_config
 
 
 RESULTS_NAME = "results.json"
@@ -71,8 +72,12 @@ def run_training(
     peak_memory: bool = True,
     keep_checkpoint: bool = False,
     extra: dict[str, Any] | None = None,
+    cache: str | None = None,
 ) -> dict[str, Any]:
-    """Train `method` on `data` over `backbone`; save the adapter and results.json in `output_dir`."""
+    """Train `method` on `data` over `backbone`; save the adapter and results.json in `output_dir`.
+
+    `cache`: a feature-cache directory (thrifty.features); a side method then trains from the cached taps
+    (the directory is created or completed first), which gives the same result as training on the inputs."""
     train = train or TrainConfig()
     overrides = dict(overrides or {})
     bb = load_backbone(
@@ -81,6 +86,8 @@ def run_training(
     task = load_data(data, bb.preprocess, seed=train.seed if split_seed is None else split_seed, test_size=test_size)
     torch.manual_seed(train.seed)
     model = get_tuned_model(bb, make_config(method, overrides), task.num_classes)
+    if cache:
+        task = use_feature_cache([model], task, cache, train)
     trainer = Trainer(model, task, train, output_dir)
     trainer._check_outputs(resume, overwrite)
     spec = {
@@ -92,10 +99,65 @@ def run_training(
         "image_size": image_size,
         "seed": train.seed,
     }
-    step = measure_step(model, task, train, trainer, spec, peak_memory and trainer.dist.is_main)
+    # the fresh-process peak-memory worker feeds backbone inputs, so it does not describe a run on cached taps
+    step = measure_step(model, task, train, trainer, spec, peak_memory and trainer.dist.is_main and not cache)
     fit = trainer.fit(resume=resume, overwrite=overwrite)
     if not trainer.dist.is_main:
         return fit
+    return finish_run(model, task, train, fit, step, trainer.device, output_dir, keep_checkpoint, extra)
+
+
+def require_side(model: TunedModel, purpose: str) -> None:
+    """Raise ConfigError unless `model` is a side method (reads only the frozen backbone's outputs)."""
+    from thrifty.tuners import available_methods, get_method
+    from thrifty.tuners.side import SideTuner
+
+    if not isinstance(model, SideTuner):
+        side = [m for m in available_methods() if issubclass(get_method(m)[1], SideTuner)]
+        raise ConfigError(
+            f"method {model.config.method!r} cannot {purpose}: it runs inside the backbone (adapts it or adds "
+            f"back into it). Methods that can: {', '.join(side)}"
+        )
+
+
+def use_feature_cache(models: list[TunedModel], task: TaskData, cache: str, train: TrainConfig) -> TaskData:
+    """The task's splits replaced by the cached taps the side `models` read (extracting what is missing); the
+    models are switched to read taps. Only side methods qualify: the others need the backbone's inside."""
+    from thrifty.features import cached_task, roles_for
+
+    for model in models:
+        require_side(model, "train from a feature cache")
+    taps = sorted({t for model in models for t in model.tap_names()})
+    out = cached_task(
+        cache,
+        models[0].backbone,
+        task,
+        taps,
+        roles=roles_for(train.select_on_val),
+        extract=int(os.environ.get("WORLD_SIZE", "1")) <= 1,  # torchrun ranks only read (thrifty extract first)
+        batch_size=train.eval_batch_size or max(train.batch_size, 64),
+        device=resolve_device(train.device),
+        amp=train.amp,
+        progress=train.progress,
+    )
+    for model in models:
+        model.read_taps_(True)
+    return out
+
+
+def finish_run(
+    model: TunedModel,
+    task: TaskData,
+    train: TrainConfig,
+    fit: dict[str, Any],
+    step: dict[str, Any],
+    device: torch.device,
+    output_dir: str | None,
+    keep_checkpoint: bool,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Save the adapter and write results.json (the keys every run records)."""
+    bb = model.backbone
     results: dict[str, Any] = {
         "status": "complete",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -105,7 +167,7 @@ def run_training(
         "train": asdict(train),
         "seed": train.seed,
         "history": fit.pop("history"),
-        "env": environment(trainer.device),
+        "env": environment(device),
         "extra": extra or {},
     }
     metrics = {

@@ -50,8 +50,8 @@ class TunedModel(nn.Module):
     def features(self, x: Inputs) -> torch.Tensor:
         """(B, D) features fed to the head."""
         if self.side:
-            with torch.no_grad():
-                return self.backbone.forward_features(x)
+            with torch.no_grad():  # contiguous copy: a pooled view would keep all (B, N, D) tokens alive
+                return self.backbone.forward_features(x).contiguous().clone()
         return self.backbone.forward_features(x)
 
     def forward(self, x: Inputs) -> torch.Tensor:

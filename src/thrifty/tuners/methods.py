@@ -1,3 +1,3 @@
 """Imports every built-in method package so that each registers itself."""
 
-from thrifty.tuners import adaptformer, full, linear, lora  # noqa: F401
+from thrifty.tuners import adaptformer, bi_adaptformer, bi_lora, dtl, full, last, linear, lora  # noqa: F401

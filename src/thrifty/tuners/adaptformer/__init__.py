@@ -65,7 +65,7 @@ class ParallelAdapterHooks:
         for site, adapter in zip(sites, adapters):
             store: dict[str, torch.Tensor] = {}
             self.handles.append(site.read.register_forward_pre_hook(self._keep(store)))
-            self.handles.append(site.add.register_forward_hook(self._add(store, adapter, scale)))
+            self.handles.append(site.add.register_forward_hook(self._add(store, adapter, scale, site.channel_dim)))
 
     @staticmethod
     def _keep(store):
@@ -75,9 +75,12 @@ class ParallelAdapterHooks:
         return hook
 
     @staticmethod
-    def _add(store, adapter, scale):
+    def _add(store, adapter, scale, channel_dim):
         def hook(module, args, output):
-            return output + scale * adapter(store.pop("x"))
+            x = store.pop("x")
+            if channel_dim != -1:  # adapters are written for channels-last inputs
+                return output + scale * adapter(x.movedim(channel_dim, -1)).movedim(-1, channel_dim)
+            return output + scale * adapter(x)
 
         return hook
 

@@ -3,9 +3,12 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
-from thrifty.tuners.base import TunedModel
+import torch
+
+from thrifty.features.taps import POOLED
 from thrifty.tuners.config import TunerConfig
 from thrifty.tuners.registry import register_method
+from thrifty.tuners.side import SideTuner
 
 
 @dataclass
@@ -15,10 +18,15 @@ class LinearConfig(TunerConfig):
     method: ClassVar[str] = "linear"
 
 
-class LinearModel(TunedModel):
-    """logits = head(pool(backbone(x))) with the backbone under no_grad: nothing inside it is saved for backward."""
+class LinearModel(SideTuner):
+    """logits = head(pool(backbone(x))) with the backbone under no_grad: nothing inside it is saved for backward.
+    Reads the `pooled` tap, so it trains from a feature cache too."""
 
-    side = True
+    def tap_names(self) -> list[str]:
+        return [POOLED]
+
+    def features_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
+        return taps[POOLED]
 
 
 register_method("linear", LinearConfig, LinearModel)

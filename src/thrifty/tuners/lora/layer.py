@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
+
+from thrifty.errors import ConfigError
 
 
 class LoraLinear(nn.Module):
@@ -39,12 +42,52 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear with the update folded into the weight."""
-        out = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None)
-        out.to(self.base_layer.weight.device, self.base_layer.weight.dtype)
+    def merged(self) -> nn.Module:
+        """A copy of the base layer with the update folded into its weight."""
+        out = copy.deepcopy(self.base_layer)
         with torch.no_grad():
-            out.weight.copy_(self.base_layer.weight + self.delta_weight())
-            if self.base_layer.bias is not None:
-                out.bias.copy_(self.base_layer.bias)
+            out.weight.add_(self.delta_weight().to(out.weight.dtype))
         return out
+
+
+class LoraConv2d(LoraLinear):
+    """PEFT's Conv2d LoRA: y = conv(x) + scaling * B(A(dropout(x))), A a conv with the base's kernel, stride,
+    padding and dilation into r channels, B a 1x1 conv (r -> out). Weights: A (r, in, kh, kw), B (out, r, 1, 1).
+    TF-style "same" convs (a `static_padding` module, as in EfficientNet) are padded the same way."""
+
+    def __init__(self, base_layer: nn.Conv2d, r: int, lora_alpha: float, lora_dropout: float = 0.0):
+        nn.Module.__init__(self)
+        if base_layer.groups != 1:
+            raise ConfigError(
+                f"LoRA needs an ungrouped conv; this one has groups={base_layer.groups}. Exclude "
+                "depthwise convs with exclude_modules or pick pointwise targets"
+            )
+        self.base_layer = base_layer
+        b = base_layer
+        self.lora_A = nn.Conv2d(b.in_channels, r, b.kernel_size, b.stride, b.padding, b.dilation, bias=False)
+        self.lora_B = nn.Conv2d(r, b.out_channels, 1, bias=False)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.scaling = lora_alpha / r
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.to(device=b.weight.device, dtype=b.weight.dtype)
+        self.lora_B.to(device=b.weight.device, dtype=b.weight.dtype)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_channels
+
+    def delta_weight(self) -> torch.Tensor:
+        b, a = self.lora_B.weight[:, :, 0, 0], self.lora_A.weight  # (out, r), (r, in, kh, kw)
+        return torch.einsum("or,rikl->oikl", b, a) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = getattr(self.base_layer, "static_padding", None)
+        z = self.lora_dropout(x)
+        if pad is not None:
+            z = pad(z)
+        return self.base_layer(x) + self.lora_B(self.lora_A(z)) * self.scaling

@@ -5,7 +5,7 @@ import copy
 from torch import nn
 
 from thrifty.tuners.base import TunedModel
-from thrifty.tuners.lora.layer import LoraLinear
+from thrifty.tuners.lora.layer import LoraConv2d, LoraLinear
 from thrifty.tuners.targeting import find_targets, set_submodule
 
 
@@ -22,11 +22,12 @@ class LoraModel(TunedModel):
             exclude_modules=cfg.exclude_modules,
             layers_to_transform=cfg.layers_to_transform,
             layers_pattern=cfg.layers_pattern,
+            types=(nn.Linear, nn.Conv2d),
         )
         for name in self.targeted_module_names:
-            set_submodule(
-                upstream, name, LoraLinear(upstream.get_submodule(name), cfg.r, cfg.lora_alpha, cfg.lora_dropout)
-            )
+            base = upstream.get_submodule(name)
+            layer = LoraConv2d if isinstance(base, nn.Conv2d) else LoraLinear
+            set_submodule(upstream, name, layer(base, cfg.r, cfg.lora_alpha, cfg.lora_dropout))
 
     def adapter_modules(self) -> list[nn.Module]:
         return [m for m in self.backbone.modules() if isinstance(m, LoraLinear)]

@@ -1,0 +1,116 @@
+"""`build_report(DIR)`: tables, CSVs and plots into DIR/report/, and optionally a docs page (docs/benchmarks.md)
+with the plots copied beside it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from thrifty.bench.collect import CellResult, aggregate, collect
+from thrifty.bench.plots import plot_tradeoffs
+from thrifty.bench.report import (
+    caption,
+    cells_csv,
+    csv_table,
+    env_tag,
+    fmt_cost,
+    markdown_table,
+    provenance,
+    recipes_table,
+    today,
+    write,
+)
+
+
+def cost_rows(cells: list[CellResult]) -> str:
+    """Per (task, method) costs, averaged over complete seeds."""
+    keys = ("trainable_params", "adapter_bytes", "saved_activation_bytes", "peak_memory_bytes", "seconds_per_epoch")
+    lines = [
+        "| task | method | seeds | " + " | ".join(k.replace("_", " ") for k in keys) + " |",
+        "|---|---|---:|" + "---:|" * len(keys),
+    ]
+    groups: dict[tuple[str, str], list[CellResult]] = {}
+    for c in cells:
+        groups.setdefault((c.task, c.label), []).append(c)
+    for (task, label), cs in groups.items():
+        ok = [c for c in cs if c.ok]
+        vals = []
+        for k in keys:
+            v = [x for c in ok if (x := c.cost(k)) is not None]
+            vals.append(fmt_cost(k, sum(v) / len(v) if v else None))
+        lines.append(f"| {task} | {label} | {len(ok)}/{len(cs)} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def failures(cells: list[CellResult]) -> str:
+    out = []
+    for c in cells:
+        if c.state == "failed":
+            f = c.failure or {}
+            tail = (f.get("stderr_tail") or "").strip().splitlines()
+            last = tail[-1] if tail else "no stderr"
+            out.append(f"- `{c.task}/{c.label}/seed{c.seed}`: exit code {f.get('returncode')}: `{last}`")
+    return "\n".join(out)
+
+
+def render(layout, rows, cells, prov, plots: list[str], md_dir: str, heading: str, note: str = "") -> str:
+    rel = [os.path.relpath(p, md_dir) for p in plots]
+    parts = [f"# {heading}", ""]
+    if note:
+        parts += [note, ""]
+    if layout.description:
+        parts += [layout.description, ""]
+    parts += ["## Results", "", caption(layout, cells, prov), "", markdown_table(layout, rows), ""]
+    fails = failures(cells)
+    if fails:
+        parts += ["### Failed runs", "", fails, ""]
+    parts += ["## Trade-offs", ""]
+    parts += [
+        "Each point is one method: y = mean of group means (± std over seeds), x = a cost averaged over tasks; "
+        "red points joined by the step line form the Pareto front (no other method is both cheaper and more "
+        "accurate).",
+        "",
+    ]
+    parts += [f"![{os.path.splitext(os.path.basename(r))[0]}]({r})" for r in rel] + [""]
+    parts += ["## Recipes", "", recipes_table(prov), "", "## Costs per task", "", cost_rows(cells), ""]
+    return "\n".join(parts)
+
+
+def build_report(out_dir: str, report_dir: str | None = None, docs: str | None = None) -> dict[str, Any]:
+    """Write the report files; returns {'markdown', 'csv', 'cells_csv', 'plots', 'docs', 'rows'}."""
+    layout, cells = collect(out_dir)
+    rows = aggregate(layout, cells)
+    prov = provenance(cells)
+    report_dir = report_dir or os.path.join(out_dir, "report")
+    stem = f"{layout.name}-{env_tag(cells)}"
+    plots = plot_tradeoffs(rows, report_dir, f"{layout.name} ({env_tag(cells)})")
+    md = render(layout, rows, cells, prov, plots, report_dir, f"Benchmark: {layout.name}")
+    out = {
+        "markdown": write(os.path.join(report_dir, f"{stem}.md"), md),
+        "csv": write(os.path.join(report_dir, f"{stem}.csv"), csv_table(layout, rows)),
+        "cells_csv": write(os.path.join(report_dir, f"{stem}-cells.csv"), cells_csv(cells)),
+        "plots": plots,
+        "rows": rows,
+        "table": markdown_table(layout, rows),
+        "docs": None,
+    }
+    if docs:
+        docs_dir = os.path.dirname(os.path.abspath(docs))
+        image_dir = os.path.join(docs_dir, os.path.splitext(os.path.basename(docs))[0])
+        os.makedirs(image_dir, exist_ok=True)
+        copied = []
+        for p in plots:
+            dst = os.path.join(image_dir, os.path.basename(p))
+            shutil.copyfile(p, dst)
+            copied.append(dst)
+        shutil.copyfile(out["csv"], os.path.join(image_dir, os.path.basename(out["csv"])))
+        note = (
+            f"Generated on {today()} by `thrifty report {out_dir} --docs {docs}` from the results of "
+            f"`thrifty bench {layout.bench_command} --output {out_dir}`; do not edit by hand: rerun both commands. "
+            f"Machine-readable table: [{os.path.basename(out['csv'])}]"
+            f"({os.path.relpath(os.path.join(image_dir, os.path.basename(out['csv'])), docs_dir)})."
+        )
+        text = render(layout, rows, cells, prov, copied, docs_dir, "Benchmarks", note)
+        out["docs"] = write(docs, text)
+    return out

@@ -1,0 +1,84 @@
+"""Accuracy-vs-cost plots with the Pareto front marked (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from thrifty.bench.collect import MEAN_OF_GROUPS
+
+
+PLOTS = {
+    "saved_activation_bytes": ("accuracy_vs_saved_bytes.png", "bytes saved for backward (one training step)"),
+    "adapter_bytes": ("accuracy_vs_adapter_bytes.png", "adapter file bytes (adapter_model.safetensors)"),
+    "train_seconds": ("accuracy_vs_train_time.png", "training time (s, all epochs)"),
+}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: lower-or-equal cost and higher-or-equal accuracy, one strictly.
+    Returned in increasing cost."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def plot_tradeoffs(rows: dict[str, dict[str, Any]], out_dir: str, title: str) -> list[str]:
+    """One PNG per cost in PLOTS: x = mean cost over tasks, y = mean of group means (± std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for key, (fname, xlabel) in PLOTS.items():
+        pts = [
+            (label, r["costs"][key], r[MEAN_OF_GROUPS].mean, r[MEAN_OF_GROUPS].std)
+            for label, r in rows.items()
+            if r["costs"].get(key) is not None and r[MEAN_OF_GROUPS].mean is not None
+        ]
+        fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+        if pts:
+            xs = [p[1] for p in pts]
+            positive = [x for x in xs if x > 0]
+            if positive and len(positive) == len(xs):
+                ax.set_xscale("log")
+            elif positive:  # zero cost (e.g. nothing saved for backward): symlog keeps it on the axis
+                ax.set_xscale("symlog", linthresh=min(positive))
+            front = pareto_front([(p[1], p[2]) for p in pts])
+            for i, (label, x, y, sd) in enumerate(pts):
+                on = i in front
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=sd or None,
+                    fmt="o",
+                    ms=8 if on else 6,
+                    color="C3" if on else "C0",
+                    mec="black" if on else "none",
+                    capsize=3,
+                )
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
+            fx, fy = [pts[i][1] for i in front], [pts[i][2] for i in front]
+            ax.step(fx, fy, where="post", color="C3", lw=1.2, alpha=0.8, label="Pareto front")
+            ax.legend(loc="lower right", fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no complete results", ha="center", va="center", transform=ax.transAxes)
+        if pts and max(xs) > 10 * max(min(xs), 1e-12):
+            ax.xaxis.set_minor_formatter(NullFormatter())  # over a decade, log-axis minor labels overlap
+        ax.margins(x=0.12, y=0.12)
+        ax.set_xlabel(xlabel + ", mean over tasks")
+        ax.set_ylabel(f"top-1 % ({MEAN_OF_GROUPS})")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        path = os.path.join(out_dir, fname)
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,184 @@
+"""Feature cache: round trip, refusal of foreign caches, corruption repair, resume, training equivalence."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from thrifty.backbones import load_backbone
+from thrifty.cli.main import main
+from thrifty.data import load_data
+from thrifty.errors import ConfigError, DataError
+from thrifty.features import (
+    CacheMismatchError,
+    CorruptCacheError,
+    FeatureCache,
+    cached_task,
+    extract_features,
+    extract_taps,
+)
+from thrifty.features import cache as cache_module
+from thrifty.io import load_tensors
+from thrifty.train import TrainConfig, run_training
+
+
+torch.set_num_threads(1)
+TAPS = ["block.1", "block.5", "pooled"]
+
+
+def backbone(seed=0, image_size=32):
+    torch.manual_seed(seed)
+    return load_backbone("timm:test_vit", pretrained=False, image_size=image_size)
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return backbone()
+
+
+@pytest.fixture(scope="module")
+def task(bb):
+    return load_data("digits:1k", bb.preprocess, seed=0, test_size=100)
+
+
+def extract(root, bb, task, **kw):
+    kw = {"splits": ["test"], "chunk_size": 32, "batch_size": 16, **kw}
+    return extract_features(str(root), bb, task, TAPS, **kw)
+
+
+def direct_taps(bb, dataset):
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return extract_taps(bb, x, TAPS)
+
+
+def cached_taps(cache, split="test"):
+    ds = cache.dataset(split)
+    return {t: torch.stack([ds[i][0][t] for i in range(len(ds))]) for t in TAPS}, ds.labels
+
+
+def test_round_trip(tmp_path, bb, task):
+    cache, stats = extract(tmp_path / "c", bb, task)
+    assert stats == [{"split": "test", "samples": 100, "chunks": 4, "extracted": 4}]
+    got, labels = cached_taps(FeatureCache.open(str(tmp_path / "c")))
+    want = direct_taps(bb, task.splits["test"])
+    assert all(torch.equal(got[t], want[t]) for t in TAPS)
+    assert np.array_equal(labels, task.splits["test"].labels)
+    batch, y = next(iter(DataLoader(cache.dataset("test"), batch_size=8)))  # collates into a tap dict
+    assert batch["block.5"].shape == (8, *want["block.5"].shape[1:]) and y.shape == (8,)
+    read_only = cached_task(str(tmp_path / "c"), bb, task, ["pooled"], roles=["test"], extract=False)
+    assert read_only.split("test")[3][0].keys() == {"pooled"}  # a subset of the cached taps, nothing written
+    with pytest.raises(DataError, match="not a feature cache"):
+        cached_task(str(tmp_path / "none"), bb, task, ["pooled"], roles=["test"], extract=False)
+    half, _ = extract(tmp_path / "h", bb, task, dtype="float16")
+    got16, _ = cached_taps(half)
+    assert got16["pooled"].dtype == torch.float32
+    torch.testing.assert_close(got16["block.5"], want["block.5"], rtol=2e-3, atol=2e-3)
+    assert not torch.equal(got16["block.5"], want["block.5"])
+
+
+def test_refuses_foreign_caches(tmp_path, bb, task):
+    extract(tmp_path, bb, task)
+    with pytest.raises(CacheMismatchError, match="backbone or weights"):
+        extract(tmp_path, backbone(seed=1), task)
+    with pytest.raises(CacheMismatchError, match=r"method reads \['block.3'\]"):
+        extract_features(str(tmp_path), bb, task, ["block.3"], splits=["test"])
+    other = load_data("digits:1k", bb.preprocess, seed=1, test_size=100)  # another 1k draw
+    with pytest.raises(CacheMismatchError, match="other samples"):
+        extract(tmp_path, bb, other)
+    with pytest.raises(CacheMismatchError, match="stores float32"):
+        extract(tmp_path, bb, task, dtype="float16")
+    extract_features(str(tmp_path), bb, task, ["block.5"], splits=["test"])  # a subset of the taps is fine
+
+
+def test_corrupt_and_truncated_chunks_are_re_extracted(tmp_path, bb, task):
+    extract(tmp_path, bb, task)
+    want, _ = cached_taps(FeatureCache.open(str(tmp_path)))
+    flipped = tmp_path / "test" / "block.5" / "00001.npy"
+    raw = bytearray(flipped.read_bytes())
+    raw[-7] ^= 0xFF  # one flipped byte in the data, same size
+    flipped.write_bytes(bytes(raw))
+    truncated = tmp_path / "test" / "pooled" / "00002.npy"
+    truncated.write_bytes(truncated.read_bytes()[:-64])
+    fresh = FeatureCache.open(str(tmp_path))
+    assert fresh.bad_chunks("test") == [1, 2]
+    with pytest.raises(CorruptCacheError, match=r"\[1, 2\]"):
+        fresh.dataset("test")
+    _, stats = extract(tmp_path, bb, task)
+    assert stats[0]["extracted"] == 2
+    got, _ = cached_taps(FeatureCache.open(str(tmp_path)))
+    assert all(torch.equal(got[t], want[t]) for t in TAPS)
+
+
+def test_interrupted_extraction_resumes(tmp_path, bb, task, monkeypatch):
+    calls = {"n": 0}
+    real = cache_module.extract_taps
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # two batches per chunk: chunks 0 and 1 done, chunk 2 half written
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "extract_taps", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tmp_path, bb, task)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert sorted(manifest["splits"]["test"]["chunks"]) == ["0", "1"]
+    assert not glob.glob(str(tmp_path / "**" / "*.tmp"), recursive=True)  # no half-written file left
+    monkeypatch.setattr(cache_module, "extract_taps", real)
+    _, stats = extract(tmp_path, bb, task)
+    assert stats[0]["extracted"] == 2
+    got, _ = cached_taps(FeatureCache.open(str(tmp_path)))
+    want = direct_taps(bb, task.splits["test"])
+    assert all(torch.equal(got[t], want[t]) for t in TAPS)
+
+
+@pytest.mark.parametrize("method", ["linear", "last"])
+def test_training_on_cache_equals_training_on_images(tmp_path, method):
+    kw = dict(backbone="timm:test_vit", data="digits:1k", method=method, pretrained=False, image_size=32)
+    kw.update(test_size=100, peak_memory=False, overrides={"r": "4"} if method == "last" else {})
+    runs = {}
+    for name, cache in (("images", None), ("cache", str(tmp_path / "cache"))):
+        torch.manual_seed(0)  # the random-init backbone
+        train = TrainConfig(epochs=1, batch_size=50, progress=False)
+        runs[name] = run_training(train=train, output_dir=str(tmp_path / name), cache=cache, **kw)
+    a, b = runs["images"], runs["cache"]
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    for key in ("test_accuracy", "test_loss", "saved_activation_bytes", "trainable_params"):
+        assert a["metrics"][key] == b["metrics"][key], key
+    wa, wb = (load_tensors(str(tmp_path / n / "adapter_model.safetensors")) for n in ("images", "cache"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert b["task"]["feature_cache"]["extracted_chunks"] == {"test": 1, "train800val200": 4}
+
+
+def test_methods_inside_the_backbone_refuse_a_cache(tmp_path):
+    with pytest.raises(ConfigError, match="cannot train from a feature cache"):
+        run_training(
+            backbone="timm:test_vit",
+            data="digits:1k",
+            method="dtl",
+            pretrained=False,
+            image_size=32,
+            cache=str(tmp_path),
+            train=TrainConfig(epochs=1, progress=False),
+        )
+    assert not os.listdir(tmp_path)
+
+
+def test_cli_extract_then_train(tmp_path, capsys):
+    common = ["--backbone", "timm:test_vit", "--random-init", "--image-size", "32", "--data", "digits:1k"]
+    common += ["--test-size", "50"]
+    torch.manual_seed(0)
+    rc = main(["extract", *common, "--method", "last", "--set", "taps=-1", "--output", str(tmp_path / "c")])
+    assert rc == 0 and "train800val200" in capsys.readouterr().out
+    torch.manual_seed(0)
+    train = ["train", *common, "--method", "last", "--set", "taps=-1", "--epochs", "1", "--no-progress"]
+    rc = main([*train, "--no-peak-memory", "--cache", str(tmp_path / "c"), "--output", str(tmp_path / "run")])
+    assert rc == 0 and os.path.isfile(tmp_path / "run" / "results.json")
+    torch.manual_seed(1)  # other random weights: refused, nothing trained
+    rc = main([*train, "--cache", str(tmp_path / "c"), "--output", str(tmp_path / "run2")])
+    assert rc == 2 and "another backbone or weights" in capsys.readouterr().err
