@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from thrifty.backbones import load_backbone
@@ -31,8 +32,17 @@ TAPS = ["block.1", "block.5", "pooled"]
 
 
 def backbone(seed=0, image_size=32):
-    torch.manual_seed(seed)
-    return load_backbone("timm:test_vit", pretrained=False, image_size=image_size)
+    """Random-init backbones are seeded (the same for every call); seed != 0 perturbs the weights."""
+    bb = load_backbone("timm:test_vit", pretrained=False, image_size=image_size)
+    if seed:
+        from thrifty.backbones.base import model_fingerprint
+
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in bb.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+        bb.checkpoint_hash = model_fingerprint(bb.model)
+    return bb
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +189,9 @@ def test_cli_extract_then_train(tmp_path, capsys):
     train = ["train", *common, "--method", "last", "--set", "taps=-1", "--epochs", "1", "--no-progress"]
     rc = main([*train, "--no-peak-memory", "--cache", str(tmp_path / "c"), "--output", str(tmp_path / "run")])
     assert rc == 0 and os.path.isfile(tmp_path / "run" / "results.json")
-    torch.manual_seed(1)  # other random weights: refused, nothing trained
+    other = backbone(seed=1)  # other weights, from a checkpoint file: refused, nothing trained
+    weights = str(tmp_path / "other.safetensors")
+    save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, weights)
+    train = [a for a in train if a != "--random-init"] + ["--checkpoint", weights]
     rc = main([*train, "--cache", str(tmp_path / "c"), "--output", str(tmp_path / "run2")])
     assert rc == 2 and "another backbone or weights" in capsys.readouterr().err
