@@ -1,4 +1,5 @@
-"""`thrifty eval`: evaluate a saved adapter directory on a task's test split (or another split)."""
+"""`thrifty eval`: evaluate a saved adapter directory (or, with --quantized / --onnx, a model written by
+`thrifty quantize`) on a task's test split (or another split)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import argparse
 import json
 
 from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, backbone_kwargs
+from thrifty.errors import ConfigError
 
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a saved adapter", description=__doc__)
     add_config_args(p)
-    add_backbone_args(p)
+    add_backbone_args(p, required=False)
     add_data_args(p)
-    p.add_argument("--adapter", required=True, help="directory with adapter_config.json + adapter_model.safetensors")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--adapter", help="directory with adapter_config.json + adapter_model.safetensors")
+    src.add_argument("--quantized", help="directory written by `thrifty quantize` (PyTorch simulation)")
+    src.add_argument("--onnx", help="model.onnx written by `thrifty quantize --onnx` (run in onnxruntime)")
     p.add_argument("--split", default="test", help="role or split name: test | val | train | train800 | ...")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the 1k split draw (use the training seed)")
@@ -29,18 +34,47 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.train.loop import evaluate, resolve_device
     from thrifty.tuners import load_tuned_model
 
-    bb = load_backbone(args.backbone, **backbone_kwargs(args))
+    if args.adapter:
+        if not args.backbone:
+            raise ConfigError("--adapter needs --backbone")
+        bb = load_backbone(args.backbone, **backbone_kwargs(args))
+    elif args.quantized:
+        from thrifty.compress import load_quantized
+
+        model, _ = load_quantized(args.quantized)
+        bb = model.backbone
+    else:
+        bb = _onnx_backbone(args)
     task = load_data(
         args.data,
         bb.preprocess,
         seed=args.seed if args.split_seed is None else args.split_seed,
         test_size=args.test_size,
     )
-    model = load_tuned_model(bb, args.adapter)
     split = task.split(args.split) if args.split in PROTOCOLS[task.protocol] else task.splits[args.split]
-    res = evaluate(model.to(resolve_device(args.device)), split, args.batch_size, progress=True)
-    out = {"adapter": args.adapter, "data": task.name, "split": args.split, **res}
+    if args.onnx:
+        from thrifty.compress.quant.onnx_export import evaluate_onnx
+
+        res = evaluate_onnx(args.onnx, split, args.batch_size)
+    else:
+        model = load_tuned_model(bb, args.adapter) if args.adapter else model
+        res = evaluate(model.to(resolve_device(args.device)), split, args.batch_size, progress=True)
+    source = {"adapter": args.adapter} if args.adapter else {"quantized": args.quantized, "onnx": args.onnx}
+    out = {**source, "data": task.name, "split": args.split, **res}
     print(json.dumps(out, indent=2))
     if args.json:
         write_json(args.json, out)
     return 0
+
+
+def _onnx_backbone(args: argparse.Namespace):
+    """The preprocessing of an exported model: --backbone, else the quantize_config.json next to the file."""
+    import os
+
+    from thrifty.backbones import load_backbone
+    from thrifty.io import read_json
+
+    if args.backbone:
+        return load_backbone(args.backbone, pretrained=False, max_length=args.max_length, image_size=args.image_size)
+    meta = read_json(os.path.join(os.path.dirname(os.path.abspath(args.onnx)), "quantize_config.json"))["model"]
+    return load_backbone(meta["backbone"], pretrained=False, **meta["backbone_kwargs"])

@@ -9,7 +9,19 @@ import sys
 from thrifty.errors import ThriftyError
 
 
-COMMANDS = ["train", "eval", "info", "profile", "demo", "extract", "export-bin", "bench", "report", "serve"]
+COMMANDS = [
+    "train",
+    "eval",
+    "info",
+    "profile",
+    "demo",
+    "extract",
+    "export-bin",
+    "bench",
+    "report",
+    "serve",
+    "quantize",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

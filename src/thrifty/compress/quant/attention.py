@@ -1,0 +1,93 @@
+"""Attention quantization points without forking the upstream model.
+
+RepQ-ViT quantizes the inputs of both attention matmuls (q, k, v and the post-softmax probabilities, the latter
+with a log quantizer). Where attention is fused in `F.scaled_dot_product_attention` the probabilities never
+exist as a tensor, so:
+
+- q, k, v: an output quantizer on the projections that produce them (timm's fused `qkv` gets three segments,
+  q | k | v, one scale each; BERT's `query`/`key`/`value` get one each). This works with SDPA kept fused.
+- probabilities (only with `softmax_quant=True`): timm's `Attention` has its own explicit path behind the
+  `fused_attn` flag; we set it False and swap `attn_drop` (identity at eval, applied right after the softmax)
+  for a `SoftmaxQuant` module. Hugging Face BERT dispatches attention through `AttentionInterface`; we register
+  one attention function, `"thrifty_quant"` (the eager math plus the quantizer the layer carries as
+  `thrifty_softmax_quant`), and point the model's config at it. Both are module swaps or official extension
+  points; the upstream forward code is untouched.
+- the attention output is the input of the output projection, which is quantized like every linear input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from thrifty.compress.quant.layers import QuantLinear, SoftmaxQuant
+
+
+HF_ATTN_KEY = "thrifty_quant"
+_LINEAR = (nn.Linear, QuantLinear)
+
+
+def _is_timm_attention(m: nn.Module) -> bool:
+    return hasattr(m, "fused_attn") and isinstance(getattr(m, "qkv", None), _LINEAR) and hasattr(m, "attn_drop")
+
+
+def _is_hf_attention(m: nn.Module) -> bool:
+    return all(isinstance(getattr(m, k, None), _LINEAR) for k in ("query", "key", "value")) and hasattr(m, "config")
+
+
+def qkv_output_targets(model: nn.Module) -> dict[str, int]:
+    """Names of the projections that produce q/k/v -> number of output segments (timm qkv: 3, BERT: 1)."""
+    out: dict[str, int] = {}
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if _is_timm_attention(m):
+            out[prefix + "qkv"] = 3
+        elif _is_hf_attention(m):
+            out.update({prefix + k: 1 for k in ("query", "key", "value")})
+    return out
+
+
+def _hf_quant_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention (as transformers' `eager_attention_forward`) with the layer's probability quantizer."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    quant = getattr(module, "thrifty_softmax_quant", None)
+    if quant is not None:
+        probs = quant(probs)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+def register_hf_attention() -> None:
+    """Register `"thrifty_quant"` with transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(HF_ATTN_KEY, _hf_quant_attention)
+    AttentionMaskInterface.register(HF_ATTN_KEY, eager_mask)
+
+
+def attach_softmax_quant(model: nn.Module, log2: bool = True, observer_samples: int = 2**18) -> list[str]:
+    """Insert a `SoftmaxQuant` after every exposed attention softmax; returns the names of the new modules."""
+    names: list[str] = []
+    hf_configs = []
+    for name, m in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        if _is_timm_attention(m) and not isinstance(m.attn_drop, SoftmaxQuant):
+            m.fused_attn = False  # timm's own explicit attention path
+            m.attn_drop = SoftmaxQuant(m.attn_drop, log2, observer_samples)
+            names.append(prefix + "attn_drop")
+        elif _is_hf_attention(m) and not hasattr(m, "thrifty_softmax_quant"):
+            m.thrifty_softmax_quant = SoftmaxQuant(None, log2, observer_samples)
+            names.append(prefix + "thrifty_softmax_quant")
+            hf_configs.append(m.config)
+    if hf_configs:
+        register_hf_attention()
+        for cfg in hf_configs:
+            cfg._attn_implementation = HF_ATTN_KEY
+    return names

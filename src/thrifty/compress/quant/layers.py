@@ -1,0 +1,234 @@
+"""Quantized layers (module swap, torchao's calibration style): `QuantLinear`, `QuantConv2d`, `SoftmaxQuant`.
+
+Each keeps its float weight until `pack_()`, so the same module runs quantized or in float (`quant_enabled`),
+which QwT needs (the same block with and without quantization). Quantized forward, per output channel c:
+
+    y_c = [ s_w,c * sum_k (W_int - z_w)_ck * Q_a(x)_k + bias_c ]  (* a_c + beta_c if a CWAC is attached)
+
+then, for the q/k/v projections, the output quantizer. `fold_cwac_()` moves a and beta into the per-channel
+weight scale and the bias: `s_w,c <- a_c s_w,c`, `bias_c <- a_c bias_c + beta_c` (identical outputs, no extra
+parameters). Every quantized layer carries a bias (zeros if the float layer had none) so that beta can be folded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from thrifty.compress.quant.quantizers import ActQuantizer, Log2Quantizer, dequantize_per_channel, search_weight
+
+
+class QuantModule(nn.Module):
+    """Mixin: a module whose quantization can be switched off (`quant_enabled=False` runs it in float)."""
+
+    quant_enabled: bool = True
+
+
+class _QuantWeightLayer(QuantModule):
+    kind = "?"
+
+    def __init__(self, layer: nn.Module, out_segments: int = 0, observer_samples: int = 2**18):
+        super().__init__()
+        self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        bias = layer.bias.detach().clone() if layer.bias is not None else torch.zeros(layer.weight.shape[0])
+        self.bias = nn.Parameter(bias.to(layer.weight), requires_grad=False)
+        self.input_quantizer = ActQuantizer(1, observer_samples)
+        self.output_quantizer = ActQuantizer(out_segments, observer_samples) if out_segments else None
+        self.w_bits, self.weight_symmetric = 8, True
+        self.register_buffer("weight_codes", None)
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("weight_zero_point", None)
+        self.register_buffer("cwac_a", None)
+        self.register_buffer("cwac_beta", None)
+        self.quant_enabled = True
+
+    # --- state -------------------------------------------------------------------------------------------------
+    @property
+    def converted(self) -> bool:
+        return self.weight_codes is not None
+
+    @property
+    def packed(self) -> bool:
+        return self.weight is None
+
+    @property
+    def a_bits(self) -> int:
+        return self.input_quantizer.bits
+
+    def spec(self) -> dict[str, Any]:
+        """What `prepare_for_loading` needs to rebuild this layer."""
+        return {
+            "kind": self.kind,
+            "w_bits": self.w_bits,
+            "a_bits": self.a_bits,
+            "weight_symmetric": self.weight_symmetric,
+            "out_segments": self.output_quantizer.segments if self.output_quantizer is not None else 0,
+            "out_bits": self.output_quantizer.bits if self.output_quantizer is not None else None,
+        }
+
+    def quantize_weight_(self, bits: int, symmetric: bool = True, percentiles=None, p: float = 2.0) -> None:
+        """Per-channel weight codes and scales (RepQ-ViT's percentile search with L_p error)."""
+        kwargs = {} if percentiles is None else {"percentiles": tuple(percentiles)}
+        codes, scale, zp = search_weight(self.weight.detach(), bits, symmetric, p=p, **kwargs)
+        self.w_bits, self.weight_symmetric = int(bits), bool(symmetric)
+        self.weight_codes, self.weight_scale, self.weight_zero_point = codes, scale, zp
+
+    def empty_like_converted_(self, spec: dict[str, Any]) -> None:
+        """Allocate the converted buffers (values come from a state dict): used by `prepare_for_loading`."""
+        self.w_bits, self.weight_symmetric = int(spec["w_bits"]), bool(spec["weight_symmetric"])
+        dtype = torch.int8 if self.weight_symmetric else torch.uint8
+        c = self.weight.shape[0]
+        self.weight_codes = torch.zeros(self.weight.shape, dtype=dtype)
+        self.weight_scale, self.weight_zero_point = torch.ones(c), torch.zeros(c, dtype=dtype)
+        self.input_quantizer.set_bits(spec["a_bits"])
+        self.input_quantizer.mode = "quant"
+        if self.output_quantizer is not None:
+            self.output_quantizer.set_bits(spec["out_bits"])
+            self.output_quantizer.mode = "quant"
+
+    def pack_(self) -> None:
+        """Drop the float weight: only codes, scales and bias remain (the deployable form)."""
+        if not self.converted:
+            raise RuntimeError("pack_() before the weights were quantized; run convert first")
+        self.weight = None
+
+    def set_cwac_(self, a: torch.Tensor, beta: torch.Tensor) -> None:
+        self.cwac_a, self.cwac_beta = a.detach().float().clone(), beta.detach().float().clone()
+
+    def fold_cwac_(self) -> None:
+        """s_w <- a * s_w, bias <- a * bias + beta; the CWAC buffers disappear."""
+        if self.cwac_a is None:
+            return
+        if not self.packed:
+            raise RuntimeError("fold_cwac_() needs a packed layer: the float path would see the folded bias")
+        with torch.no_grad():
+            self.weight_scale = self.weight_scale * self.cwac_a
+            self.bias.copy_(self.bias * self.cwac_a + self.cwac_beta)
+        self.cwac_a, self.cwac_beta = None, None
+
+    def weight_dequantized(self) -> torch.Tensor:
+        return dequantize_per_channel(self.weight_codes, self.weight_scale, self.weight_zero_point)
+
+    # --- forward -----------------------------------------------------------------------------------------------
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quant = self.quant_enabled and self.converted
+        if quant:
+            y = self._op(self.input_quantizer(x), self.weight_dequantized(), self.bias)
+            if self.cwac_a is not None:
+                y = y * self._channel_view(self.cwac_a) + self._channel_view(self.cwac_beta)
+        else:
+            if self.packed:
+                raise RuntimeError(
+                    "this layer was packed (float weights dropped); float runs need an unpacked copy "
+                    "(convert with pack=False)"
+                )
+            if self.input_quantizer.mode == "observe":
+                self.input_quantizer.observe(x)
+            y = self._op(x, self.weight, self.bias)
+        if self.output_quantizer is not None:
+            if quant:
+                y = self.output_quantizer(y)
+            elif self.output_quantizer.mode == "observe":
+                self.output_quantizer.observe(y)
+        return y
+
+
+class QuantLinear(_QuantWeightLayer):
+    """Swap for nn.Linear: weight (out, in), per-output-channel codes; input (..., in) quantized layer-wise."""
+
+    kind = "linear"
+
+    def __init__(self, layer: nn.Linear, out_segments: int = 0, observer_samples: int = 2**18):
+        super().__init__(layer, out_segments, observer_samples)
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+
+    def _op(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def _channel_view(self, v):
+        return v
+
+
+class QuantConv2d(_QuantWeightLayer):
+    """Swap for nn.Conv2d (and EfficientNet's static-same-padding subclass, whose pad module it keeps)."""
+
+    kind = "conv2d"
+
+    def __init__(self, layer: nn.Conv2d, out_segments: int = 0, observer_samples: int = 2**18):
+        super().__init__(layer, out_segments, observer_samples)
+        pad = getattr(layer, "static_padding", None)
+        self.pad = pad if isinstance(pad, nn.Module) else nn.Identity()
+        self.stride, self.padding = tuple(layer.stride), layer.padding
+        self.dilation, self.groups = tuple(layer.dilation), layer.groups
+        self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+
+    def _op(self, x, w, b):
+        return F.conv2d(self.pad(x), w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _channel_view(self, v):
+        return v.view(1, -1, 1, 1)
+
+
+def supported_conv(module: nn.Module) -> bool:
+    """Plain zero-padded Conv2d, or a subclass whose only change is a `static_padding` module (EfficientNet)."""
+    if not isinstance(module, nn.Conv2d) or module.padding_mode != "zeros":
+        return False
+    return type(module).forward is nn.Conv2d.forward or isinstance(getattr(module, "static_padding", None), nn.Module)
+
+
+class SoftmaxQuant(QuantModule):
+    """Quantizes attention probabilities after `inner` (timm's attn_drop, identity at eval)."""
+
+    def __init__(self, inner: nn.Module | None = None, log2: bool = True, observer_samples: int = 2**18):
+        super().__init__()
+        self.inner = inner if inner is not None else nn.Identity()
+        self.log2 = bool(log2)
+        self.quantizer = Log2Quantizer(1, observer_samples) if log2 else ActQuantizer(1, observer_samples)
+        self.quant_enabled = True
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "softmax", "a_bits": self.quantizer.bits, "log2": self.log2}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inner(x)
+        q = self.quantizer
+        if self.quant_enabled and q.mode == "quant":
+            return q(x)
+        if q.mode == "observe":
+            q.observe(x)
+        return x
+
+
+def quant_modules(root: nn.Module) -> Iterator[tuple[str, QuantModule]]:
+    for name, m in root.named_modules():
+        if isinstance(m, QuantModule):
+            yield name, m
+
+
+def set_quant_state(root: nn.Module, enabled: bool) -> None:
+    """Switch every quantized module under `root` on (quantized) or off (float)."""
+    for _, m in quant_modules(root):
+        m.quant_enabled = bool(enabled)
+
+
+@contextmanager
+def quant_state(root: nn.Module, enabled: bool):
+    """Temporarily run `root` quantized (True) or in float (False); restores each module's flag."""
+    saved = [(m, m.quant_enabled) for _, m in quant_modules(root)]
+    set_quant_state(root, enabled)
+    try:
+        yield root
+    finally:
+        for m, flag in saved:
+            m.quant_enabled = flag

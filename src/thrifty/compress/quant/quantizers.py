@@ -1,0 +1,288 @@
+"""Quantizers: uniform (per-tensor, per-segment, per-channel) and log2, with RepQ-ViT's percentile search.
+
+Uniform affine quantization with `b` bits, scale `s`, zero point `z` and integer range `[qmin, qmax]`:
+
+    q = clamp(round(x / s) + z, qmin, qmax),     x_hat = (q - z) * s
+
+Activations are asymmetric unsigned (`qmin = 0`, `qmax = 2^b - 1`). Weights are per output channel, symmetric
+signed with the narrow range `[-(2^(b-1) - 1), 2^(b-1) - 1]` (zero point 0, as int8 engines expect) or asymmetric.
+Ranges come from RepQ-ViT's search (compression.md §1.5): candidate clipping ranges from the percentiles
+{0.999, 0.9999, 0.99999} of the observed values, keep the one with the lowest L_p reconstruction error (p = 2).
+
+Log2 quantizer (post-softmax attention, RepQ-ViT uses a log-sqrt2 variant): `q = clamp(round(-log2(x / D)), 0,
+2^b - 1)`, `x_hat = D * 2^-q`, and values below the smallest level (`round(-log2(x/D)) > 2^b - 1`) become 0.
+
+Lower bit widths than 8 are simulated inside the 8-bit containers: a clamp to the b-bit range followed by an 8-bit
+fake quantization, which is exactly b-bit fake quantization and exports to ONNX as Clip + QuantizeLinear +
+DequantizeLinear (an int8 engine runs it as int8).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
+
+
+# --- weight dequantization as one op (exports to a DequantizeLinear on the int8 codes) --------------------------
+@torch.library.custom_op("thrifty::dequantize_per_channel", mutates_args=())
+def dequantize_per_channel(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """(codes - zero_point) * scale along axis 0; codes int8/uint8 (C, ...), scale float32 (C,)."""
+    shape = (-1,) + (1,) * (codes.dim() - 1)
+    return (codes.float() - zero_point.float().view(shape)) * scale.view(shape)
+
+
+@dequantize_per_channel.register_fake
+def _(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
+@torch.library.custom_op("thrifty::fake_quant_uint8", mutates_args=())
+def fake_quant_uint8(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """Clip to [lo, hi] (the b-bit range), then uint8 quantize-dequantize as ONNX does:
+    q = saturate(round_half_even(x / s) + z), x_hat = (q - z) * s. axis = -1: per tensor (0-d qparams);
+    otherwise one (s, z) per index of dimension `axis` (qparams (S,), lo/hi broadcastable)."""
+    x = torch.minimum(torch.maximum(x, lo), hi)
+    if axis >= 0:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale, zero_point = scale.view(shape), zero_point.view(shape)
+    z = zero_point.to(x.dtype)
+    return (torch.clamp(torch.round(x / scale) + z, 0, 255) - z) * scale
+
+
+@fake_quant_uint8.register_fake
+def _(x, scale, zero_point, lo, hi, axis):
+    return torch.empty_like(x)
+
+
+# --- integer ranges -----------------------------------------------------------------------------------------------
+def act_range(bits: int) -> tuple[int, int]:
+    return 0, 2**bits - 1
+
+
+def weight_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def quant_dequant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Reference fake quantization with scale/zero point broadcast against `x` (used by the searches)."""
+    return (torch.clamp(torch.round(x / scale) + zp, qmin, qmax) - zp) * scale
+
+
+def quantiles(values: torch.Tensor, qs: Sequence[float]) -> torch.Tensor:
+    """Row-wise quantiles, linear interpolation as torch.quantile, from one sort. (R, M) -> (len(qs), R)."""
+    srt = values.sort(dim=1).values
+    m = srt.shape[1]
+    pos = torch.tensor(qs, dtype=torch.float64) * (m - 1)
+    lo = pos.floor().long().clamp(0, m - 1)
+    hi = pos.ceil().long().clamp(0, m - 1)
+    frac = (pos - lo.double()).to(srt.dtype).to(srt.device)
+    return srt[:, lo].T * (1 - frac[:, None]) + srt[:, hi].T * frac[:, None]
+
+
+def _asym_params(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # the range always holds 0 (exact zero padding)
+    scale = torch.clamp((hi - lo) / (qmax - qmin), min=1e-8)
+    zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+    return scale, zp
+
+
+def search_asymmetric(
+    values: torch.Tensor, bits: int, percentiles: Sequence[float] = DEFAULT_PERCENTILES, p: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row asymmetric search. values (R, M) -> scale (R,), zero_point (R,) in [0, 2^b - 1]."""
+    qmin, qmax = act_range(bits)
+    values = values.float()
+    best_err = values.new_full((values.shape[0],), float("inf"))
+    best_s, best_z = values.new_ones(values.shape[0]), values.new_zeros(values.shape[0])
+    qs = quantiles(values, [*percentiles, *(1.0 - p for p in percentiles)])
+    k = len(percentiles)
+    for j in range(k):
+        s, z = _asym_params(qs[k + j], qs[j], qmin, qmax)
+        err = (values - quant_dequant(values, s[:, None], z[:, None], qmin, qmax)).abs().pow(p).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def search_weight(
+    w: torch.Tensor,
+    bits: int,
+    symmetric: bool = True,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    p: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-output-channel weight quantization. w (C, ...) -> codes (C, ...) int8|uint8, scale (C,), zero_point (C,).
+
+    Candidates: the percentiles plus the full range (1.0); the lowest L_p error wins per channel."""
+    flat = w.detach().reshape(w.shape[0], -1).float()
+    qmin, qmax = weight_range(bits, symmetric)
+    pcts = (*percentiles, 1.0)
+    if not symmetric:
+        scale, zp = search_asymmetric(flat, bits, pcts, p)
+    else:
+        best_err = flat.new_full((flat.shape[0],), float("inf"))
+        scale = flat.new_ones(flat.shape[0])
+        clips = quantiles(flat.abs(), pcts)
+        for clip in clips:
+            s = torch.clamp(clip / qmax, min=1e-8)
+            err = (flat - quant_dequant(flat, s[:, None], 0.0, qmin, qmax)).abs().pow(p).sum(1)
+            better = err < best_err
+            best_err, scale = torch.where(better, err, best_err), torch.where(better, s, scale)
+        zp = torch.zeros_like(scale)
+    codes = torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], qmin, qmax)
+    dtype = torch.int8 if symmetric else torch.uint8
+    return codes.reshape(w.shape).to(dtype), scale, zp.to(dtype)
+
+
+# --- observer -----------------------------------------------------------------------------------------------------
+class Reservoir:
+    """A uniform random subsample (at most `capacity` values per segment) of everything observed, plus the count.
+
+    Values arrive as (S, n); the kept sample stays uniform over all batches seen (proportional replacement)."""
+
+    def __init__(self, capacity: int, seed: int = 0):
+        self.capacity = int(capacity)
+        self.values: torch.Tensor | None = None  # (S, m)
+        self.seen = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        n = x.shape[1]
+        total = self.seen + n
+        room = self.capacity - (0 if self.values is None else self.values.shape[1])
+        keep_new = min(n, max(room, round(self.capacity * n / total)))
+        if keep_new == n:
+            new = x.float().cpu()
+        else:  # positions drawn with replacement: cheap for large tensors, uniform in expectation
+            new = x[:, torch.randint(n, (keep_new,), generator=self.gen).to(x.device)].float().cpu()
+        if self.values is None:
+            self.values = new
+        elif keep_new <= room:
+            self.values = torch.cat([self.values, new], 1)
+        else:  # overwrite random slots of the full reservoir
+            free = torch.cat([self.values, new[:, :room]], 1)
+            slots = torch.randperm(self.capacity, generator=self.gen)[: keep_new - room]
+            free[:, slots] = new[:, room:]
+            self.values = free
+        self.seen = total
+
+
+# --- activation quantizers ----------------------------------------------------------------------------------------
+class ActQuantizer(nn.Module):
+    """Layer-wise uniform asymmetric activation quantizer; `segments > 1` splits the last dim into equal parts with
+    one (scale, zero point) each (used for the q | k | v output of a fused qkv projection).
+
+    Modes: "observe" (record values, pass through), "quant" (fake-quantize), "off" (identity).
+    """
+
+    def __init__(self, segments: int = 1, observer_samples: int = 2**18, seed: int = 0):
+        super().__init__()
+        self.segments = int(segments)
+        self.bits = 8
+        self.mode = "off"
+        self.register_buffer("scale", torch.ones(self.segments))
+        self.register_buffer("zero_point", torch.zeros(self.segments, dtype=torch.int32))
+        self.register_buffer("bounds", torch.zeros(2, self.segments))  # representable [lo, hi] per segment
+        self._reservoir: Reservoir | None = None
+        self._observer_samples, self._seed = observer_samples, seed
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, segments={self.segments}, mode={self.mode}"
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> (S, n) values per segment."""
+        if self.segments == 1:
+            return x.reshape(1, -1)
+        return x.reshape(-1, self.segments, x.shape[-1] // self.segments).transpose(0, 1).reshape(self.segments, -1)
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self._reservoir is None:
+            self._reservoir = Reservoir(self._observer_samples, self._seed)
+        self._reservoir.add(self._split(x))
+
+    @property
+    def observed(self) -> bool:
+        return self._reservoir is not None and self._reservoir.seen > 0
+
+    def calibrate(self, bits: int, percentiles: Sequence[float] = DEFAULT_PERCENTILES, p: float = 2.0) -> None:
+        """Set the range from the observed values (RepQ-ViT's percentile search)."""
+        if not self.observed:
+            raise RuntimeError("activation quantizer saw no data; run calibration batches between prepare and convert")
+        self.set_bits(bits)
+        scale, zp = search_asymmetric(self._reservoir.values, bits, percentiles, p)
+        self.set_qparams(scale, zp)
+
+    def set_bits(self, bits: int) -> None:
+        self.bits = int(bits)
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        qmin, qmax = act_range(self.bits)
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point.round().to(torch.int32))
+            self.bounds[0].copy_((qmin - self.zero_point) * self.scale)
+            self.bounds[1].copy_((qmax - self.zero_point) * self.scale)
+        self.mode = "quant"
+
+    def drop_observations(self) -> None:
+        self._reservoir = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self.observe(x)
+            return x
+        if self.segments == 1:
+            return fake_quant_uint8(x, self.scale[0], self.zero_point[0], self.bounds[0, 0], self.bounds[1, 0], -1)
+        shape = x.shape
+        y = x.reshape(*shape[:-1], self.segments, shape[-1] // self.segments)
+        lo, hi = self.bounds[0, :, None], self.bounds[1, :, None]  # (S, 1) against (..., S, C / S)
+        y = fake_quant_uint8(y, self.scale, self.zero_point, lo, hi, y.dim() - 2)
+        return y.reshape(shape)
+
+
+class Log2Quantizer(ActQuantizer):
+    """Log2 quantizer for post-softmax probabilities: x_hat = D * 2^-q, q = clamp(round(-log2(x/D)), 0, 2^b - 1);
+    levels below D * 2^-(2^b - 1) (and exact zeros) become 0. D is found by the same percentile search."""
+
+    def calibrate(self, bits: int, percentiles: Sequence[float] = DEFAULT_PERCENTILES, p: float = 2.0) -> None:
+        if not self.observed:
+            raise RuntimeError("log2 quantizer saw no data; run calibration batches between prepare and convert")
+        self.set_bits(bits)
+        values = self._reservoir.values.reshape(1, -1)
+        best, best_err = None, float("inf")
+        for delta in quantiles(values, (*percentiles, 1.0))[:, 0]:
+            delta = torch.clamp(delta, min=1e-8)
+            err = float((values - self._log2_qdq(values, delta)).abs().pow(p).sum())
+            if err < best_err:
+                best, best_err = delta, err
+        with torch.no_grad():
+            self.scale.fill_(float(best))
+        self.mode = "quant"
+
+    def _log2_qdq(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        levels = 2**self.bits - 1
+        q = torch.round(-torch.log2(torch.clamp(x, min=1e-30) / delta))
+        x_hat = delta * torch.pow(2.0, -torch.clamp(q, 0, levels))
+        return torch.where(q > levels, torch.zeros_like(x_hat), x_hat)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "off":
+            return x
+        if self.mode == "observe":
+            self.observe(x)
+            return x
+        return self._log2_qdq(x, self.scale[0])

@@ -1,0 +1,178 @@
+"""QwT-v2, channel-wise affine compensation (CWAC; Tang, Fu, Yu, Wu 2025; compression.md §2).
+
+The paper's placement is not public (NOT FOUND). Our reading, documented in docs/methods.md: every quantized
+Linear / Conv2d output channel c gets y_c <- a_c * y_q,c + beta_c, with
+
+    a_c = Cov(y_q,c, y_fp,c) / (Var(y_q,c) + eps),   beta_c = E[y_fp,c] - a_c E[y_q,c]
+
+where y_q = the quantized layer and y_fp = the same layer in float, both on the layer's input in the quantized,
+already compensated pipeline (QwT's "same input" rule applied per layer). Layers are fitted one after another in
+execution order: embed, block 0 .. L-1, tail (head); each fit sees the compensation of every layer before it.
+`fold_cwac_` then moves a into the per-channel weight scale and beta into the bias, so the converted model has
+exactly the parameters and operations of the plain PTQ model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from thrifty.compress.quant.config import QwTV2Config
+from thrifty.compress.quant.layers import _QuantWeightLayer
+from thrifty.compress.quant.lstsq import ChannelAffine
+from thrifty.compress.quant.pipeline import Pipeline, rows, start_recording, stop_recording, to_device
+from thrifty.compress.quant.ptq import convert_ptq_, pack_, prepare_ptq_, prepare_ptq_for_loading_, quant_state_of
+
+
+class _Stop(Exception):
+    """Raised inside a hook once the fitted layer's input has been seen: the rest of the segment is skipped."""
+
+
+def _segments(pipe: Pipeline) -> list[tuple[str, Callable[[Any], Any]]]:
+    """(name, fn(state) -> next state): embed maps inputs to (h, ctx); blocks map (h, ctx); tail gives logits."""
+    segs: list[tuple[str, Callable[[Any], Any]]] = [("embed", pipe.embed)]
+    for i in range(pipe.num_blocks):
+        segs.append((f"block{i}", lambda s, i=i: (pipe.block(i, s[0], s[1]), s[1])))
+    segs.append(("tail", lambda s: pipe.tail(s[0], s[1])))
+    return segs
+
+
+def _mask(pipe: Pipeline, state: Any) -> torch.Tensor | None:
+    if isinstance(state, tuple) and isinstance(state[0], torch.Tensor):
+        return pipe.token_mask(state[0], state[1])
+    return None
+
+
+def _execution_order(fn: Callable[[Any], Any], state: Any, root: nn.Module) -> list[_QuantWeightLayer]:
+    seen: list[_QuantWeightLayer] = []
+
+    def hook(module, args):
+        if module not in seen:
+            seen.append(module)
+
+    handles = [m.register_forward_pre_hook(hook) for m in root.modules() if isinstance(m, _QuantWeightLayer)]
+    try:
+        fn(state)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def layer_outputs(layer: _QuantWeightLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y_q, y_fp) of a converted, unpacked layer on the same input, before CWAC and output quantization."""
+    y_q = layer._op(layer.input_quantizer(x), layer.weight_dequantized(), layer.bias)
+    y_fp = layer._op(x, layer.weight, layer.bias)
+    return y_q, y_fp
+
+
+@torch.no_grad()
+def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list[dict[str, Any]]:
+    """Fit a, beta for every quantized layer in execution order; returns the per-layer log."""
+    pipe = Pipeline(model)
+    device = next(model.parameters()).device
+    batches = [to_device(x, device) for x in batches]
+    names = {id(m): n for n, m in model.named_modules()}
+    segs = _segments(pipe)
+    cache: list[Any] | None = list(batches) if config.cache_hidden else None
+    log = []
+
+    def states(k: int) -> Iterator[Any]:
+        if cache is not None:
+            yield from cache
+            return
+        for x in batches:
+            s = x
+            for j in range(k):
+                s = segs[j][1](s)
+            yield s
+
+    for k, (seg_name, fn) in enumerate(segs):
+        first = next(iter(states(k)))
+        for layer in _execution_order(fn, first, model):
+            stats: ChannelAffine | None = None
+            mask_ref: list[torch.Tensor | None] = [None]
+
+            def hook(module, args, mask_ref=mask_ref):
+                nonlocal stats
+                y_q, y_fp = layer_outputs(module, args[0])
+                yq_rows, yf_rows = rows(y_q, mask_ref[0]), rows(y_fp, mask_ref[0])
+                if stats is None:
+                    stats = ChannelAffine(yq_rows.shape[1], device)
+                stats.update(yq_rows, yf_rows)
+                raise _Stop
+
+            handle = layer.register_forward_pre_hook(hook)
+            try:
+                for s in states(k):
+                    mask_ref[0] = _mask(pipe, s)
+                    with contextlib.suppress(_Stop):
+                        fn(s)
+            finally:
+                handle.remove()
+            a, beta = stats.solve(config.eps)
+            before, after = stats.sse(torch.ones_like(a), torch.zeros_like(beta)), stats.sse(a, beta)
+            layer.set_cwac_(a.float(), beta.float())
+            log.append(
+                {
+                    "layer": names[id(layer)],
+                    "segment": seg_name,
+                    "channels": a.numel(),
+                    "sse_before": before,
+                    "sse_after": after,
+                    "error_reduction": 1.0 - after / before if before > 0 else 0.0,
+                    "a_mean": float(a.mean()),
+                }
+            )
+        if cache is not None and k < len(segs) - 1:
+            cache = [fn(s) for s in cache]
+    return log
+
+
+def fold_cwac_(model: nn.Module) -> int:
+    """Fold every attached CWAC into its layer's weight scale and bias; returns how many layers were folded."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, _QuantWeightLayer) and m.cwac_a is not None:
+            m.fold_cwac_()
+            n += 1
+    return n
+
+
+# --- calibration protocol handlers ----------------------------------------------------------------------------------
+def prepare_qwt_v2_(model: nn.Module, config: QwTV2Config, filter_fn=None) -> None:
+    Pipeline(model)
+    prepare_ptq_(model, config.base_config, filter_fn)
+    start_recording(model, config.calib_samples)
+
+
+def convert_qwt_v2_(model: nn.Module, config: QwTV2Config) -> dict[str, Any]:
+    batches = stop_recording(model)
+    convert_ptq_(model, config.base_config, pack=False)
+    return compensate_qwt_v2_(model, config, batches)
+
+
+def compensate_qwt_v2_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> dict[str, Any]:
+    """CWAC on a model already converted by the base PTQ with pack=False (then packs and folds per config)."""
+    spec = quant_state_of(model)["spec"]
+    log = fit_cwac_(model, config, batches)
+    if config.base_config.pack:
+        pack_(model)
+    if config.fold:
+        fold_cwac_(model)
+    spec["cwac"] = {} if config.fold else {e["layer"]: e["channels"] for e in log}
+    spec["compensation_log"] = log
+    quant_state_of(model).update(spec=spec, config=config.to_dict())
+    return spec
+
+
+def prepare_qwt_v2_for_loading_(model: nn.Module, spec: dict[str, Any], config: QwTV2Config) -> None:
+    prepare_ptq_for_loading_(model, spec, config.base_config)
+    for name, channels in spec.get("cwac", {}).items():  # unfolded CWAC: allocate a, beta for the state dict
+        layer = model.get_submodule(name)
+        layer.set_cwac_(torch.ones(channels), torch.zeros(channels))
+    quant_state_of(model).update(config=config.to_dict())
