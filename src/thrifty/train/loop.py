@@ -170,7 +170,21 @@ class Trainer:
         return os.path.join(self.output_dir, CHECKPOINT_NAME) if self.output_dir else None
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+        """Copies of what training changes: trainable parameters and, for models whose backbone statistics train
+        (BatchNorm in full fine-tuning), those buffers (`TunedModel._saved_tensors`)."""
+        live = self._live_state()
+        return {n: t.detach().to("cpu", copy=True) for n, t in live.items()}
+
+    def _live_state(self) -> dict[str, torch.Tensor]:
+        if hasattr(self.model, "_saved_tensors"):
+            return self.model._saved_tensors()
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        live = self._live_state()
+        with torch.no_grad():
+            for k, v in state.items():
+                live[k].copy_(v)
 
     def _save(self, epoch: int) -> None:
         if not (self.checkpoint_path and self.dist.is_main):
@@ -186,10 +200,7 @@ class Trainer:
 
     def _restore(self) -> None:
         ck = load_checkpoint(self.checkpoint_path)
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for k, v in ck["model"].items():
-                params[k].copy_(v)
+        self._load_state(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
         self.history = ck["state"]["history"]
@@ -279,10 +290,7 @@ class Trainer:
     def _finish(self, epoch_times: list[float]) -> dict[str, Any]:
         cfg = self.cfg
         if cfg.select_on_val and self.best_state is not None:
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for k, v in self.best_state.items():
-                    params[k].copy_(v)
+            self._load_state(self.best_state)
         out: dict[str, Any] = {"history": self.history, "epochs_run_this_session": len(epoch_times)}
         if self.dist.is_main:
             test = evaluate(

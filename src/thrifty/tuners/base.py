@@ -97,12 +97,20 @@ class TunedModel(nn.Module):
             return "backbone.model." + key[len(PREFIX) :]
         return key
 
+    def _saved_tensors(self) -> dict[str, torch.Tensor]:
+        """Module-named tensors a save must hold: trainable parameters, and for methods that train the backbone's
+        statistics (`train_backbone_mode`, e.g. BatchNorm running mean/var in full fine-tuning) its buffers."""
+        out = dict(self.trainable_named_parameters())
+        if self.train_backbone_mode:
+            out.update((n, b) for n, b in self.named_buffers() if n.startswith("backbone.model."))
+        return out
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only trainable weights (plus persistent buffers of methods that own them), PEFT-style keys."""
-        return {self._file_key(n): p.detach() for n, p in self.trainable_named_parameters()}
+        """Only trainable weights (plus the buffers they need, see `_saved_tensors`), PEFT-style keys."""
+        return {self._file_key(n): t.detach() for n, t in self._saved_tensors().items()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        own = dict(self.trainable_named_parameters())
+        own = self._saved_tensors()
         wanted = {self._file_key(n) for n in own}
         missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - wanted)
         if missing or unexpected:
@@ -110,16 +118,15 @@ class TunedModel(nn.Module):
                 f"{source} does not fit this model ({self.config.method} on {self.backbone.name}): "
                 f"missing {missing[:4]}, unexpected {unexpected[:4]}"
             )
-        params = dict(self.named_parameters())
         with torch.no_grad():
             for key, value in state.items():
-                p = params[self._module_key(key)]
-                if p.shape != value.shape:
+                t = own[self._module_key(key)]
+                if t.shape != value.shape:
                     raise CheckpointError(
                         f"{source}: {key} has shape {tuple(value.shape)}, model expects "
-                        f"{tuple(p.shape)}; it was saved for another backbone or num_classes"
+                        f"{tuple(t.shape)}; it was saved for another backbone or num_classes"
                     )
-                p.copy_(value)
+                t.copy_(value)
 
     def save_pretrained(self, directory: str) -> None:
         """Write adapter_config.json + adapter_model.safetensors (atomically)."""
