@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps,
         overrides=args.overrides,
         device=args.device,
-        pretrained=bool(args.checkpoint),
+        checkpoint=args.checkpoint,
+        pretrained=None if args.checkpoint else False,
         max_length=args.max_length,
         image_size=args.image_size,
     )

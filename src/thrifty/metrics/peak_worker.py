@@ -23,6 +23,7 @@ def main() -> None:
     device = torch.device(spec.get("device", "cpu"))
     bb = load_backbone(
         spec["backbone"],
+        checkpoint=spec.get("checkpoint"),
         pretrained=spec.get("pretrained", False),
         max_length=spec.get("max_length"),
         image_size=spec.get("image_size"),
