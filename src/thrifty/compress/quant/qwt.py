@@ -181,16 +181,25 @@ def _load_theta_(comp: nn.Module, theta: torch.Tensor) -> None:
 
 
 # --- calibration protocol handlers ----------------------------------------------------------------------------------
-def prepare_qwt_(model: nn.Module, config, filter_fn=None) -> None:
+def prepare_compensated_(model: nn.Module, config, filter_fn=None) -> None:
+    """`prepare` of every compensation method (QwT, QwT-v2): the base PTQ's prepare, then record block inputs."""
     Pipeline(model)  # fail before any change if the model cannot be walked block by block
     prepare_ptq_(model, config.base_config, filter_fn)
     start_recording(model, config.calib_samples)
 
 
-def convert_qwt_(model: nn.Module, config: QwTConfig) -> dict[str, Any]:
+def convert_compensated_(model: nn.Module, config, compensate) -> dict[str, Any]:
+    """`convert` of every compensation method: base PTQ convert (unpacked), then `compensate(model, config, b)`."""
     batches = stop_recording(model)
     convert_ptq_(model, config.base_config, pack=False)
-    return compensate_qwt_(model, config, batches)
+    return compensate(model, config, batches)
+
+
+prepare_qwt_ = prepare_compensated_
+
+
+def convert_qwt_(model: nn.Module, config: QwTConfig) -> dict[str, Any]:
+    return convert_compensated_(model, config, compensate_qwt_)
 
 
 def compensate_qwt_(model: nn.Module, config: QwTConfig, batches: list[Any]) -> dict[str, Any]:

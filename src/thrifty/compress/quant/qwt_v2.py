@@ -24,8 +24,9 @@ from torch import nn
 from thrifty.compress.quant.config import QwTV2Config
 from thrifty.compress.quant.layers import _QuantWeightLayer
 from thrifty.compress.quant.lstsq import ChannelAffine
-from thrifty.compress.quant.pipeline import Pipeline, rows, start_recording, stop_recording, to_device
-from thrifty.compress.quant.ptq import convert_ptq_, pack_, prepare_ptq_, prepare_ptq_for_loading_, quant_state_of
+from thrifty.compress.quant.pipeline import Pipeline, rows, to_device
+from thrifty.compress.quant.ptq import pack_, prepare_ptq_for_loading_, quant_state_of
+from thrifty.compress.quant.qwt import convert_compensated_, prepare_compensated_
 
 
 class _Stop(Exception):
@@ -144,16 +145,11 @@ def fold_cwac_(model: nn.Module) -> int:
 
 
 # --- calibration protocol handlers ----------------------------------------------------------------------------------
-def prepare_qwt_v2_(model: nn.Module, config: QwTV2Config, filter_fn=None) -> None:
-    Pipeline(model)
-    prepare_ptq_(model, config.base_config, filter_fn)
-    start_recording(model, config.calib_samples)
+prepare_qwt_v2_ = prepare_compensated_
 
 
 def convert_qwt_v2_(model: nn.Module, config: QwTV2Config) -> dict[str, Any]:
-    batches = stop_recording(model)
-    convert_ptq_(model, config.base_config, pack=False)
-    return compensate_qwt_v2_(model, config, batches)
+    return convert_compensated_(model, config, compensate_qwt_v2_)
 
 
 def compensate_qwt_v2_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> dict[str, Any]:
