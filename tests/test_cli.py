@@ -4,6 +4,7 @@ import os
 import pytest
 import yaml
 
+from conftest import TINY_TRAIN
 from thrifty.cli.main import main
 from thrifty.io import read_json
 
@@ -55,29 +56,10 @@ def test_config_file_and_set_overrides(tmp_path, capsys):
     assert code == 2 and "key=value" in err
 
 
-TRAIN = [
-    "train",
-    "--backbone",
-    "timm:test_vit",
-    "--random-init",
-    "--image-size",
-    "32",
-    "--data",
-    "digits:1k",
-    "--test-size",
-    "100",
-    "--batch-size",
-    "100",
-    "--lr",
-    "5e-3",
-    "--no-progress",
-]
-
-
 def test_train_writes_results_then_eval_agrees(tmp_path, capsys):
     out = str(tmp_path / "run")
     code, _, err = run_cli(
-        capsys, *TRAIN, "--method", "adaptformer", "--set", "bottleneck=4", "--epochs", "2", "--output", out
+        capsys, *TINY_TRAIN, "--method", "adaptformer", "--set", "bottleneck=4", "--epochs", "2", "--output", out
     )
     assert code == 0, err
     assert sorted(os.listdir(out)) == [
@@ -122,7 +104,7 @@ def test_train_writes_results_then_eval_agrees(tmp_path, capsys):
     assert code == 0, err
     assert json.loads(printed)["accuracy"] == pytest.approx(m["test_accuracy"])
 
-    code, _, err = run_cli(capsys, *TRAIN, "--method", "adaptformer", "--epochs", "1", "--output", out)
+    code, _, err = run_cli(capsys, *TINY_TRAIN, "--method", "adaptformer", "--epochs", "1", "--output", out)
     assert code == 2 and "--overwrite" in err  # finished results are never overwritten silently
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_TRAIN
 from thrifty.data import load_data
 from thrifty.errors import NonFiniteLossError, ResultsExistError
 from thrifty.io import read_json
@@ -114,28 +115,7 @@ def _cli(*args, env=None):
     return [sys.executable, "-m", "thrifty.cli.main", *args]
 
 
-TRAIN_ARGS = [
-    "train",
-    "--backbone",
-    "timm:test_vit",
-    "--random-init",
-    "--image-size",
-    "32",
-    "--data",
-    "digits:1k",
-    "--test-size",
-    "100",
-    "--method",
-    "lora",
-    "--set",
-    "r=2",
-    "--batch-size",
-    "100",
-    "--lr",
-    "5e-3",
-    "--no-progress",
-    "--no-peak-memory",
-]
+TRAIN_ARGS = [*TINY_TRAIN, "--method", "lora", "--set", "r=2", "--no-peak-memory"]
 
 
 def _free_port() -> int:
