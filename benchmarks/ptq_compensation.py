@@ -2,8 +2,8 @@
 
 Models: `minilm` fine-tuned on `reviews:1k` (full fine-tuning through thrifty.train.run_training, or LoRA merged
 with merge_and_unload) and `efficientnet-lite0` fully fine-tuned on `fashion-mnist:1k` (thrifty's Trainer in
-process: a saved `full` adapter holds trainable weights only, not BatchNorm running statistics). Calibration uses
-the training split only. Reports test accuracy, extra parameters, PyTorch (fake-quant simulation) latency, and at
+process, BatchNorm statistics frozen as in `full`'s default). Calibration uses the training split only. Reports
+test accuracy, extra parameters, PyTorch (fake-quant simulation) latency, and at
 W8A8 the ONNX (onnxruntime, CPU) accuracy against PyTorch and the CPU latency ratios folded QwT-v2 / PTQ and
 QwT / PTQ, measured interleaved in one run. Writes JSON and prints Markdown tables.
 
@@ -51,7 +51,7 @@ from thrifty.tuners import get_tuned_model, load_tuned_model, make_config
 
 
 BITS = ["w4a4", "w4a8", "w6a6", "w8a8"]
-METHODS = ["ptq", "qwt", "qwt_v2"]
+METHODS = ["ptq", "qwt", "qwt_v2"]  # + "qwt_v2-layer" with --cwac-layer-ablation (QwTV2Config target="layer")
 
 
 def finetune(name: str, args: argparse.Namespace, work: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -126,7 +126,7 @@ def run_model(name: str, args: argparse.Namespace, work: str) -> dict[str, Any]:
         convert_ptq_(converted, ptq_cfg, pack=False)
         ptq_seconds = time.perf_counter() - t
         plain_numel = None
-        for method in METHODS:
+        for method in METHODS + (["qwt_v2-layer"] if args.cwac_layer_ablation else []):
             m = copy.deepcopy(converted)
             t = time.perf_counter()
             if method == "ptq":
@@ -134,7 +134,9 @@ def run_model(name: str, args: argparse.Namespace, work: str) -> dict[str, Any]:
             elif method == "qwt":
                 compensate_qwt_(m, QwTConfig(base_config=ptq_cfg, calib_samples=args.calib_samples), batches)
             else:
-                compensate_qwt_v2_(m, QwTV2Config(base_config=ptq_cfg, calib_samples=args.calib_samples), batches)
+                target = "layer" if method.endswith("-layer") else "model"
+                v2 = QwTV2Config(base_config=ptq_cfg, calib_samples=args.calib_samples, target=target)
+                compensate_qwt_v2_(m, v2, batches)
             seconds = ptq_seconds + time.perf_counter() - t
             size = size_report(m)
             plain_numel = size["state_dict_numel"] if method == "ptq" else plain_numel
@@ -144,7 +146,7 @@ def run_model(name: str, args: argparse.Namespace, work: str) -> dict[str, Any]:
             log = m.thrifty_quant["spec"].get("compensation_log", [])
             if method == "qwt":
                 row["r2"] = [round(e["r2"], 4) for e in log]
-            elif method == "qwt_v2":
+            elif method.startswith("qwt_v2"):
                 row["mean_error_reduction"] = sum(e["error_reduction"] for e in log) / max(1, len(log))
             rows.append(row)
             print(f"[{name}] {bits} {method}: acc {row['accuracy']:.4f} ({seconds:.1f}s convert)", flush=True)
@@ -224,6 +226,7 @@ def main() -> None:
     p.add_argument("--onnx-bits", default="w8a8")
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cwac-layer-ablation", action="store_true", help="also QwT-v2 fitted to the same-input layer")
     p.add_argument("--quick", action="store_true", help="tiny scale: 1 epoch, small tests, 2 bit widths")
     p.add_argument("--workdir", help="fine-tuning / ONNX files (default: a temporary directory)")
     args = p.parse_args()

@@ -162,3 +162,25 @@ def test_save_load_round_trip(setup, method, tmp_path):
     torch.testing.assert_close(_run(loaded, data[1]), _run(q, data[1]))
     size = (tmp_path / "quantized_model.safetensors").stat().st_size
     assert size < 4 * sum(t.numel() for t in model.state_dict().values())
+
+
+def test_cwac_targets_the_float_model(setup):
+    """target="model" fits y_q to the float model's activations: the first quantized layer (float prefix, same
+    input either way) gets the same (a, beta) as target="layer", and the logits move towards the float model's."""
+    _, model, data = setup
+    base = PTQConfig(w_bits=4, a_bits=4, pack=False)
+    fits = {}
+    for target in ("model", "layer"):
+        q = copy.deepcopy(model)
+        quantize_(q, QwTV2Config(base_config=base, fold=False, target=target), calib_data=data)
+        fits[target] = q
+    first = lambda q: next(m for m in q.modules() if isinstance(m, (QuantLinear, QuantConv2d)))  # noqa: E731
+    torch.testing.assert_close(first(fits["model"]).cwac_a, first(fits["layer"]).cwac_a)
+    torch.testing.assert_close(first(fits["model"]).cwac_beta, first(fits["layer"]).cwac_beta)
+    ptq = copy.deepcopy(model)
+    quantize_(ptq, base, calib_data=data)
+    ref = torch.cat([_run(model, x) for x in data])
+    err = lambda q: _rel(torch.cat([_run(q, x) for x in data]), ref)  # noqa: E731
+    assert err(fits["model"]) < err(ptq)
+    with pytest.raises(ConfigError, match="target"):
+        QwTV2Config(target="output")

@@ -151,11 +151,16 @@ class QwTV2Config(_CompensationConfig):
     method: ClassVar[str] = "qwt_v2"
 
     eps: float = field(default=1e-8, metadata={"help": "added to Var(y_q) in a = Cov / Var"})
+    target: str = field(
+        default="model",
+        metadata={"help": "y_fp = the float model's activation (model) or the float layer on the same input (layer)"},
+    )
     fold: bool = field(default=True, metadata={"help": "fold a, beta into scales and biases (needs pack)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.eps >= 0, f"`eps` must be >= 0, got {self.eps!r}")
+        check(self.target in ("layer", "model"), f"`target` must be layer or model, got {self.target!r}")
         check(
             not (self.fold and not self.base_config.pack),
             "`fold=True` needs `base_config.pack=True` (the float weights must be gone before the bias changes)",

@@ -5,8 +5,9 @@ Linear / Conv2d output channel c gets y_c <- a_c * y_q,c + beta_c, with
 
     a_c = Cov(y_q,c, y_fp,c) / (Var(y_q,c) + eps),   beta_c = E[y_fp,c] - a_c E[y_q,c]
 
-where y_q = the quantized layer and y_fp = the same layer in float, both on the layer's input in the quantized,
-already compensated pipeline (QwT's "same input" rule applied per layer). Layers are fitted one after another in
+where y_q = the quantized layer on its input in the quantized, already compensated pipeline, and y_fp = the float
+model's activation of that layer on the same sample (`target="model"`, default) or the same layer in float on the
+same quantized input (`target="layer"`, QwT's "same input" rule per layer). Layers are fitted one after another in
 execution order: embed, block 0 .. L-1, tail (head); each fit sees the compensation of every layer before it.
 `fold_cwac_` then moves a into the per-channel weight scale and beta into the bias, so the converted model has
 exactly the parameters and operations of the plain PTQ model.
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from thrifty.compress.quant.config import QwTV2Config
-from thrifty.compress.quant.layers import _QuantWeightLayer
+from thrifty.compress.quant.layers import _QuantWeightLayer, quant_state
 from thrifty.compress.quant.lstsq import ChannelAffine
 from thrifty.compress.quant.pipeline import Pipeline, rows, to_device
 from thrifty.compress.quant.ptq import pack_, prepare_ptq_for_loading_, quant_state_of
@@ -73,48 +74,64 @@ def layer_outputs(layer: _QuantWeightLayer, x: torch.Tensor) -> tuple[torch.Tens
 
 @torch.no_grad()
 def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list[dict[str, Any]]:
-    """Fit a, beta for every quantized layer in execution order; returns the per-layer log."""
+    """Fit a, beta for every quantized layer in execution order; returns the per-layer log.
+
+    `config.target`: "layer" fits y_q to the float layer on the same (quantized-prefix) input; "model" fits it to
+    the float model's own activation of that layer (float prefix), so CWAC also absorbs the error accumulated
+    upstream."""
     pipe = Pipeline(model)
     device = next(model.parameters()).device
     batches = [to_device(x, device) for x in batches]
     names = {id(m): n for n, m in model.named_modules()}
     segs = _segments(pipe)
+    use_model = config.target == "model"
     cache: list[Any] | None = list(batches) if config.cache_hidden else None
+    fp_cache: list[Any] | None = list(batches) if config.cache_hidden and use_model else None
     log = []
 
-    def states(k: int) -> Iterator[Any]:
-        if cache is not None:
-            yield from cache
+    def states(k: int, fp: bool = False) -> Iterator[Any]:
+        stored = fp_cache if fp else cache
+        if stored is not None:
+            yield from stored
             return
         for x in batches:
             s = x
-            for j in range(k):
-                s = segs[j][1](s)
+            with quant_state(model, False) if fp else contextlib.nullcontext():
+                for j in range(k):
+                    s = segs[j][1](s)
             yield s
+
+    def capture(layer: _QuantWeightLayer, fn: Callable[[Any], Any], s: Any, fp: bool) -> torch.Tensor:
+        """Rows of the layer's output in one segment run: float model (fp) or (y_q, y_fp same input)."""
+        out: list[Any] = []
+
+        def hook(module, args):
+            x = args[0]
+            out.append(module._op(x, module.weight, module.bias) if fp else layer_outputs(module, x))
+            raise _Stop
+
+        handle = layer.register_forward_pre_hook(hook)
+        try:
+            with quant_state(model, False) if fp else contextlib.nullcontext(), contextlib.suppress(_Stop):
+                fn(s)
+        finally:
+            handle.remove()
+        return out[0]
 
     for k, (seg_name, fn) in enumerate(segs):
         first = next(iter(states(k)))
         for layer in _execution_order(fn, first, model):
             stats: ChannelAffine | None = None
-            mask_ref: list[torch.Tensor | None] = [None]
-
-            def hook(module, args, mask_ref=mask_ref):
-                nonlocal stats
-                y_q, y_fp = layer_outputs(module, args[0])
-                yq_rows, yf_rows = rows(y_q, mask_ref[0]), rows(y_fp, mask_ref[0])
+            fp_states = states(k, fp=True) if use_model else None
+            for s in states(k):
+                mask = _mask(pipe, s)
+                y_q, y_fp = capture(layer, fn, s, fp=False)
+                if fp_states is not None:
+                    y_fp = capture(layer, fn, next(fp_states), fp=True)
+                yq_rows, yf_rows = rows(y_q, mask), rows(y_fp, mask)
                 if stats is None:
                     stats = ChannelAffine(yq_rows.shape[1], device)
                 stats.update(yq_rows, yf_rows)
-                raise _Stop
-
-            handle = layer.register_forward_pre_hook(hook)
-            try:
-                for s in states(k):
-                    mask_ref[0] = _mask(pipe, s)
-                    with contextlib.suppress(_Stop):
-                        fn(s)
-            finally:
-                handle.remove()
             a, beta = stats.solve(config.eps)
             before, after = stats.sse(torch.ones_like(a), torch.zeros_like(beta)), stats.sse(a, beta)
             layer.set_cwac_(a.float(), beta.float())
@@ -129,8 +146,12 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
                     "a_mean": float(a.mean()),
                 }
             )
-        if cache is not None and k < len(segs) - 1:
-            cache = [fn(s) for s in cache]
+        if k < len(segs) - 1:
+            if cache is not None:
+                cache = [fn(s) for s in cache]
+            if fp_cache is not None:
+                with quant_state(model, False):
+                    fp_cache = [fn(s) for s in fp_cache]
     return log
 
 
