@@ -165,7 +165,8 @@ def results_dir(tmp_path):
             (d / FAILED).write_text(json.dumps({"returncode": 1, "stderr_tail": "Traceback\nValueError: boom\n"}))
         else:
             (d / RESULTS).write_text(json.dumps(_results(acc, seed, 1000 if label == "m" else 10)))
-            (d / "cell.json").write_text(json.dumps({"last_run": {"loadavg_at_start": 3.5 if seed else 0.5}}))
+            run = {"loadavg_at_start": 3.5 if seed else 0.5, "wall_seconds": 60.0 + 30 * seed, "cpu_seconds": 90.0}
+            (d / "cell.json").write_text(json.dumps({"last_run": run}))
     return str(tmp_path)
 
 
@@ -211,6 +212,9 @@ def test_report_files_show_failed_and_label_both_means(results_dir, tmp_path):
     assert "`t1/bad/seed0`: exit code 1: `ValueError: boom`" in md
     assert "Machine: device cpu" in md and "torch 2.14.1" in md
     assert "load average when the cells started: 0.5 to 3.5 on 2 cores (busier than its cores" in md
+    # cost of the grid: m has 6 complete cells (3 tasks x seeds 0, 1): wall 3 x (60 + 90) s = 7.5 min, CPU 9 min
+    assert "| m | 6 | 7.5 | 9.0 | 2.0 |" in md and "| bad | 4 | 5.0 | 6.0 | 2.0 |" in md
+    assert "| **all** | 15 |" in md
     csv_lines = Path(out["csv"]).read_text().splitlines()
     assert csv_lines[0].startswith("method,t1,t1_std,t1_n,t2,")
     assert csv_lines[3].startswith("bad,failed,,0,90,0,2,")

@@ -39,6 +39,7 @@ class CellResult:
     results: dict[str, Any] | None = None
     failure: dict[str, Any] | None = None
     load: float | None = None  # 1-minute load average when the harness started the cell
+    run: dict[str, Any] = field(default_factory=dict)  # the harness's last attempt: wall/cpu seconds, exit code
 
     @property
     def ok(self) -> bool:
@@ -165,8 +166,8 @@ def collect(out_dir: str) -> tuple[Layout, list[CellResult]]:
                 state = cell_state(d)
                 res = read_json(os.path.join(d, RESULTS)) if state == "complete" else None
                 fail = read_json(os.path.join(d, FAILED)) if state == "failed" else None
-                load = ((read_json(os.path.join(d, CELL_SPEC)) or {}).get("last_run") or {}).get("loadavg_at_start")
-                cells.append(CellResult(task, label, seed, state, res, fail, load))
+                run = (read_json(os.path.join(d, CELL_SPEC)) or {}).get("last_run") or {}
+                cells.append(CellResult(task, label, seed, state, res, fail, run.get("loadavg_at_start"), run))
     return layout, cells
 
 

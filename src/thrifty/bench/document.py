@@ -43,6 +43,28 @@ def cost_rows(cells: list[CellResult]) -> str:
     return "\n".join(lines)
 
 
+def grid_cost(cells: list[CellResult]) -> str:
+    """Wall-clock and CPU time of the grid per method row (sum over its complete cells, last attempt each)."""
+    lines = [
+        "| method | cells | wall-clock (min) | CPU (min) | mean load at start |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    by: dict[str, list[CellResult]] = {}
+    for c in cells:
+        if c.ok and c.run.get("wall_seconds") is not None:
+            by.setdefault(c.label, []).append(c)
+    total = [0, 0.0, 0.0]
+    for label, cs in by.items():
+        wall = sum(c.run["wall_seconds"] for c in cs)
+        cpu = sum(c.run.get("cpu_seconds") or 0.0 for c in cs)
+        loads = [c.load for c in cs if c.load is not None]
+        load = f"{sum(loads) / len(loads):.1f}" if loads else "n/a"
+        lines.append(f"| {label} | {len(cs)} | {wall / 60:.1f} | {cpu / 60:.1f} | {load} |")
+        total = [total[0] + len(cs), total[1] + wall, total[2] + cpu]
+    lines.append(f"| **all** | {total[0]} | {total[1] / 60:.1f} | {total[2] / 60:.1f} | |")
+    return "\n".join(lines)
+
+
 def failures(cells: list[CellResult]) -> str:
     out = []
     for c in cells:
@@ -74,6 +96,16 @@ def render(layout, rows, cells, prov, plots: list[str], md_dir: str, heading: st
     ]
     parts += [f"![{os.path.splitext(os.path.basename(r))[0]}]({r})" for r in rel] + [""]
     parts += ["## Recipes", "", recipes_table(prov), "", "## Costs per task", "", cost_rows(cells), ""]
+    parts += [
+        "## Cost of the grid",
+        "",
+        "Each cell's wall-clock and CPU seconds as `thrifty bench` recorded them (its last attempt; a cell resumed "
+        "after an interruption counts only the resumed part), with the machine's 1-minute load average when the "
+        "cell started (2 cores: a load above 2 means the cell shared the CPU and its wall-clock is inflated).",
+        "",
+        grid_cost(cells),
+        "",
+    ]
     return "\n".join(parts)
 
 
