@@ -102,9 +102,9 @@ def test_shipped_suites_parse():
     offline = load_suite(find_suite("offline"))
     assert [t.group for t in offline.tasks] == ["text", "text", "vision", "vision"]
     cells = expand(offline)
-    # linear/lora/adaptformer on 4 tasks, full on 3, dtl/dtl_plus/last on both text tasks, 5 rows on reviews only
-    assert len(cells) == 3 * (3 * 4 + 3 + 3 * 2 + 5)
-    assert not any(c.task == "recommend" and c.method == "full" for c in cells)
+    # linear/full/lora/adaptformer on 4 tasks, dtl/dtl_plus/last on both text tasks, 5 rows on reviews only
+    assert len(cells) == 3 * (4 * 4 + 3 * 2 + 5)
+    assert not any(c.task != "reviews" and c.method == "miet" for c in cells)
     assert len(expand(load_suite(find_suite("smoke")))) == 4
     with pytest.raises(ConfigError, match="unknown suite"):
         find_suite("no-such-suite")
