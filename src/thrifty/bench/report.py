@@ -173,11 +173,10 @@ def provenance(cells: list[CellResult]) -> dict[str, Any]:
     envs = [c.results.get("env") or {} for c in done]
     trains = [(c, c.results.get("train") or {}) for c in done]
     created = sorted(c.results.get("created", "") for c in done if c.results.get("created"))
-    versions = _uniq(
-        ", ".join(f"{k} {v}" for k, v in sorted((e.get("versions") or {}).items()) if v)
-        + (f", git {e['git_sha']}" if e.get("git_sha") else "")
-        for e in envs
-    )
+    versions = _uniq(", ".join(f"{k} {v}" for k, v in sorted((e.get("versions") or {}).items()) if v) for e in envs)
+    shas = _uniq(e.get("git_sha") for e in envs if e.get("git_sha"))
+    if shas:  # one list of commits instead of one version line per commit
+        versions = [f"{v}; git {', '.join(shas)}" for v in versions]
     selection = _uniq(
         "best val200 epoch (trained on train800; test used once)"
         if t.get("select_on_val")
