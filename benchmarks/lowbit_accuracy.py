@@ -2,8 +2,10 @@
 on `minilm`), several seeds. Writes JSON and prints a Markdown table.
 
 Protocol (VTAB-1K style, no test-set selection; side-tuning.md §0.1 trap 2):
-1. scale search: for each method x bits and each s in --scales, train on train800 (seed --search-seed) and keep the
-   best epoch on val200; pick the s with the best val accuracy (ties: the first s in --scales);
+1. scale search: for each method x bits and each s in --scales, train on train800 (one run per --search-seeds) and
+   keep each run's best epoch on val200; pick the s with the best val accuracy averaged over the search seeds
+   (ties: the first s in --scales). val200 is 200 samples (0.5 points each): one search seed can pick a scale on a
+   one-sample difference, so several search seeds give a steadier choice;
 2. final: with that s, train on train800val200 for --epochs, one run per seed in --seeds; report test accuracy
    (mean +- std), the adapter's safetensors bytes and the reference `.bin` bytes (adapters + head).
 
@@ -42,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bi-head", action="store_true", help="also quantize the head to 1 bit")
     p.add_argument("--scales", nargs="+", type=float, default=[0.01, 0.1, 1.0, 10.0, 100.0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--search-seed", type=int, default=0)
+    p.add_argument("--search-seeds", nargs="+", type=int, default=[0], help="seeds of the scale search runs")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 1k draw (fixed across seeds)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=32)
@@ -105,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     rows, t_start = [], time.perf_counter()
     for method in args.methods:
         for bits in args.bits:
-            search = {s: one_run(args, method, bits, s, args.search_seed, True) for s in args.scales}
-            val = {s: r["metrics"]["val_accuracy"] for s, r in search.items()}
+            val_runs = {
+                s: [one_run(args, method, bits, s, sd, True)["metrics"]["val_accuracy"] for sd in args.search_seeds]
+                for s in args.scales
+            }
+            val = {s: statistics.mean(v) for s, v in val_runs.items()}
             best = max(args.scales, key=lambda s: (val[s], -args.scales.index(s)))
             finals = [one_run(args, method, bits, best, seed, False) for seed in args.seeds]
             accs = [r["metrics"]["test_accuracy"] for r in finals]
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                     "bi_head": args.bi_head,
                     "scale": best,
                     "val_by_scale": val,
+                    "val_runs_by_scale": val_runs,
                     "val_accuracy": val[best],
                     "test_accuracy": accs,
                     "test_mean": 100 * statistics.mean(accs),

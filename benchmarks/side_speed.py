@@ -8,7 +8,8 @@ sharing one backbone pass vs one config. Same data, same machine, one process; r
         --test-size 100
 
 (A) target >= 20x: LoRA's training seconds (10 epochs on images) / LAST's training seconds (10 epochs on the
-cache). The one-time extraction is timed separately and also reported in an end-to-end ratio.
+cache); `--image-epochs 1` times one epoch of each run on images and scales it to --epochs. The one-time
+extraction is timed separately and also reported in an end-to-end ratio.
 (B) target <= 2x: seconds per epoch of an 8-configuration LAST sweep / of one LAST configuration, both on images.
 Training seconds exclude evaluation (results.json seconds_per_epoch). Random-init backbones are seeded so every
 run (and the cache) sees the same weights.
@@ -17,6 +18,7 @@ run (and the cache) sees the same weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -43,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="fashion-mnist:1k")
     p.add_argument("--test-size", type=int, default=500, help="cap the test split (it is cached too)")
     p.add_argument("--epochs", type=int, default=10)
+    p.add_argument(
+        "--image-epochs",
+        type=int,
+        help="epochs the runs on images (LoRA, LAST, the sweep) actually run (default --epochs); training seconds "
+        "are always mean seconds per epoch x --epochs (every epoch is the same work)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--sweep", action="append", default=None, help="KEY=V1,V2 (default lr x4, r x2: 8 configs)")
@@ -65,14 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         test_size=args.test_size,
     )
     train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, progress=False)
+    image_train = train if args.image_epochs is None else dataclasses.replace(train, epochs=args.image_epochs)
     out: dict = {"command": "python benchmarks/side_speed.py " + " ".join(argv or sys.argv[1:]), "runs": {}}
 
-    def run(name: str, **kw) -> dict:
+    def run(name: str, cfg: TrainConfig, **kw) -> dict:
         torch.manual_seed(0)  # the same random-init backbone weights in every run
         t0 = time.perf_counter()
-        res = run_training(train=train, output_dir=os.path.join(args.output, name), overwrite=True, **common, **kw)
+        res = run_training(train=cfg, output_dir=os.path.join(args.output, name), overwrite=True, **common, **kw)
         m = res["metrics"]
         out["runs"][name] = {
+            "epochs_run": cfg.epochs,
             "train_seconds": m["seconds_per_epoch"] * args.epochs,
             "seconds_per_epoch": m["seconds_per_epoch"],
             "wall_seconds": time.perf_counter() - t0,
@@ -98,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     out["extract_seconds"] = time.perf_counter() - t0
     print(f"extraction ({', '.join(splits)}): {out['extract_seconds']:.1f}s", flush=True)
     del bb
-    last_cache = run("last_cache", method="last", cache=cache_dir, peak_memory=False)
-    last_images = run("last_images", method="last", peak_memory=False)
+    last_cache = run("last_cache", train, method="last", cache=cache_dir, peak_memory=False)
+    last_images = run("last_images", image_train, method="last", peak_memory=False)
     ratios = {"last_images / last_cache": last_images["train_seconds"] / last_cache["train_seconds"]}
     if "lora" not in skip:
-        lora = run("lora_images", method="lora", peak_memory=False)
+        lora = run("lora_images", image_train, method="lora", peak_memory=False)
         ratios["lora_images / last_cache (target >= 20)"] = lora["train_seconds"] / last_cache["train_seconds"]
         ratios["lora_images / (extract + last_cache)"] = lora["train_seconds"] / (
             last_cache["train_seconds"] + out["extract_seconds"]
@@ -111,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     if "sweep" not in skip:
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        summary = run_sweep(method="last", sweep=sweep, train=train, output_dir=os.path.join(args.output, "sweep"),
-                            overwrite=True, **common)  # fmt: skip
+        sweep_dir = os.path.join(args.output, "sweep")
+        summary = run_sweep(
+            method="last", sweep=sweep, train=image_train, output_dir=sweep_dir, overwrite=True, **common
+        )
         first = summary["members"][0]["dir"]
         with open(os.path.join(first, "results.json")) as fh:
             per_epoch = json.load(fh)["metrics"]["seconds_per_epoch"]
