@@ -25,6 +25,7 @@ from thrifty.features import (
 from thrifty.features import cache as cache_module
 from thrifty.io import load_tensors
 from thrifty.train import TrainConfig, run_training
+from thrifty.tuners import get_tuned_model, make_config
 
 
 torch.set_num_threads(1)
@@ -85,9 +86,12 @@ def test_round_trip(tmp_path, bb, task):
         cached_task(str(tmp_path / "none"), bb, task, ["pooled"], roles=["test"], extract=False)
     half, _ = extract(tmp_path / "h", bb, task, dtype="float16")
     got16, _ = cached_taps(half)
-    assert got16["pooled"].dtype == torch.float32
-    torch.testing.assert_close(got16["block.5"], want["block.5"], rtol=2e-3, atol=2e-3)
-    assert not torch.equal(got16["block.5"], want["block.5"])
+    assert got16["pooled"].dtype == torch.float16  # items keep the stored dtype (half the bytes to collate)
+    model = get_tuned_model(bb, make_config("linear"), task.num_classes)
+    widened = model.float_taps(got16)  # what a side model does with each batch: exact fp16 -> fp32
+    assert widened["block.5"].dtype == torch.float32 and torch.equal(widened["block.5"].half(), got16["block.5"])
+    torch.testing.assert_close(widened["block.5"], want["block.5"], rtol=2e-3, atol=2e-3)
+    assert not torch.equal(widened["block.5"], want["block.5"])
 
 
 def test_refuses_foreign_caches(tmp_path, bb, task):

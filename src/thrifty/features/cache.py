@@ -353,8 +353,9 @@ def _write_npy(path: str, arr: np.ndarray) -> None:
 
 
 class CachedTapDataset(LabelledDataset):
-    """Items ({tap: (per-sample shape) tensor}, label) read from memory-mapped chunk files (float taps as
-    float32, `mask` as bool). Keeps at most `max_open` chunk files mapped."""
+    """Items ({tap: (per-sample shape) tensor}, label) read from memory-mapped chunk files (at most `max_open`
+    mapped at once): float taps in the cache's dtype (a float16 cache gives float16 items, half the bytes to copy
+    and collate; `SideTuner.float_taps` widens each batch once), `mask` as bool."""
 
     def __init__(self, cache: FeatureCache, split: str, taps: Sequence[str], max_open: int = 64):
         entry = cache.manifest["splits"][split]
@@ -381,10 +382,9 @@ class CachedTapDataset(LabelledDataset):
 
     def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
         chunk, row = divmod(int(i), self.chunk_size)
-        out = {}
-        for tap in self.taps:
-            t = torch.from_numpy(np.array(self._array(chunk, tap)[row]))
-            out[tap] = t.bool() if tap == MASK else t.float()
+        out = {tap: torch.from_numpy(np.array(self._array(chunk, tap)[row])) for tap in self.taps}
+        if MASK in out:
+            out[MASK] = out[MASK].bool()
         return out, int(self.labels[i])
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers: re-open the maps in each process

@@ -30,7 +30,13 @@ class SideTuner(TunedModel):
 
     def forward_from_taps(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, num_classes) logits from a dict of taps."""
-        return self.head(self.features_from_taps(taps))
+        return self.head(self.features_from_taps(self.float_taps(taps)))
+
+    def float_taps(self, taps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`taps` with floating tensors in the head's dtype: a float16 feature cache yields float16 batches (half
+        the bytes to read and collate) and is widened here, once per batch (exact: fp16 -> fp32 is lossless)."""
+        dtype = next(self.head.parameters()).dtype
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in taps.items()}
 
     def extract(self, x: Inputs) -> dict[str, torch.Tensor]:
         """The taps of this method for backbone inputs `x` (no_grad)."""
@@ -44,7 +50,7 @@ class SideTuner(TunedModel):
         return self
 
     def features(self, x: Inputs | dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.features_from_taps(x if self.reads_taps else self.extract(x))
+        return self.features_from_taps(self.float_taps(x) if self.reads_taps else self.extract(x))
 
 
 def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None, num_prefix: int, mode: str = "mean") -> torch.Tensor:
