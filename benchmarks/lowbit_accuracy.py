@@ -2,9 +2,9 @@
 on `minilm`), several seeds. Writes JSON and prints a Markdown table.
 
 Protocol (VTAB-1K style, no test-set selection; side-tuning.md §0.1 trap 2):
-1. scale search: for each method x bits and each s in --scales, train on train800 (one run per --search-seeds) and
-   keep each run's best epoch on val200; pick the s with the best val accuracy averaged over the search seeds
-   (ties: the first s in --scales). val200 is 200 samples (0.5 points each): one search seed can pick a scale on a
+1. scale search (skipped when --scales names one value: that scale is used as given): for each method x bits and
+   each s in --scales, train on train800 (one run per --search-seeds) and keep each run's best epoch on val200;
+   pick the s with the best val accuracy averaged over the search seeds (ties: the first s in --scales). val200 is 200 samples (0.5 points each): one search seed can pick a scale on a
    one-sample difference, so several search seeds give a steadier choice;
 2. final: with that s, train on train800val200 for --epochs, one run per seed in --seeds; report test accuracy
    (mean +- std), the adapter's safetensors bytes and the reference `.bin` bytes (adapters + head).
@@ -31,7 +31,9 @@ import torch
 
 from thrifty.cli.common import print_table
 from thrifty.io import write_json
+from thrifty.metrics import environment
 from thrifty.train import RESULTS_NAME, TrainConfig, run_training
+from thrifty.train.loop import resolve_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, t_start = [], time.perf_counter()
     for method in args.methods:
         for bits in args.bits:
+            search_seeds = args.search_seeds if len(args.scales) > 1 else []  # one scale: fixed, nothing to search
             val_runs = {
-                s: [one_run(args, method, bits, s, sd, True)["metrics"]["val_accuracy"] for sd in args.search_seeds]
+                s: [one_run(args, method, bits, s, sd, True)["metrics"]["val_accuracy"] for sd in search_seeds]
                 for s in args.scales
             }
-            val = {s: statistics.mean(v) for s, v in val_runs.items()}
-            best = max(args.scales, key=lambda s: (val[s], -args.scales.index(s)))
+            val = {s: statistics.mean(v) if v else None for s, v in val_runs.items()}
+            best = max(args.scales, key=lambda s: (val[s] or 0.0, -args.scales.index(s)))
             finals = [one_run(args, method, bits, best, seed, False) for seed in args.seeds]
             accs = [r["metrics"]["test_accuracy"] for r in finals]
             desc = finals[0]["method"]
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": "scale chosen on val200 (train800, best epoch); final runs on train800val200, test reported",
         "rows": rows,
         "wall_seconds": time.perf_counter() - t_start,
+        "env": environment(resolve_device(args.device)),
     }
     write_json(os.path.join(args.output, "summary.json"), summary)
     print(f"\n{args.data} on {args.backbone}, dim {args.dim}, seeds {args.seeds} (test accuracy %, mean +- std)")
