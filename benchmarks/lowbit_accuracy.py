@@ -4,8 +4,9 @@ on `minilm`), several seeds. Writes JSON and prints a Markdown table.
 Protocol (VTAB-1K style, no test-set selection; side-tuning.md §0.1 trap 2):
 1. scale search (skipped when --scales names one value: that scale is used as given): for each method x bits and
    each s in --scales, train on train800 (one run per --search-seeds) and keep each run's best epoch on val200;
-   pick the s with the best val accuracy averaged over the search seeds (ties: the first s in --scales). val200 is 200 samples (0.5 points each): one search seed can pick a scale on a
-   one-sample difference, so several search seeds give a steadier choice;
+   pick the s with the best val accuracy averaged over the search seeds (ties: the first s in --scales). val200 is
+   200 samples (0.5 points each): one search seed can pick a scale on a one-sample difference, so several search
+   seeds give a steadier choice;
 2. final: with that s, train on train800val200 for --epochs, one run per seed in --seeds; report test accuracy
    (mean +- std), the adapter's safetensors bytes and the reference `.bin` bytes (adapters + head).
 
