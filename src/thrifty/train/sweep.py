@@ -117,8 +117,10 @@ class SweepTrainer:
             m.optimizer = build_optimizer(m.model, m.train.lr, m.train.weight_decay)
 
     def shared(self, inputs: Any) -> dict[str, torch.Tensor]:
-        """The taps of every member, computed once (or the cached taps as they are)."""
-        return inputs if self.reads_taps else extract_taps(self.backbone, inputs, self.taps)
+        """The taps of every member, computed once (cached taps widened once, so members' `float_taps` are no-ops)."""
+        if self.reads_taps:
+            return self.members[0].model.float_taps(inputs)
+        return extract_taps(self.backbone, inputs, self.taps)
 
     def _evaluate(self, split: str, desc: str) -> dict[str, dict[str, float]]:
         live = {m.name: m.model for m in self.members if m.failed is None}
