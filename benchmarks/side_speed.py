@@ -32,6 +32,7 @@ from thrifty.features import extract_features, roles_for
 from thrifty.io import write_json
 from thrifty.metrics import environment
 from thrifty.train import TrainConfig, run_training
+from thrifty.train.allocator import tune_malloc
 from thrifty.train.loop import resolve_device
 from thrifty.train.sweep import parse_sweep, run_sweep
 from thrifty.tuners import get_tuned_model, make_config
@@ -57,12 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp16", action="store_true", help="float16 cache (half the disk)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument(
+        "--malloc", choices=("tuned", "system"), default="tuned", help="TrainConfig.malloc for every run (CPU)"
+    )
     p.add_argument("--output", default="runs/benchmarks/side_speed")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: lora, sweep")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     skip = set(args.skip.split(","))
+    malloc = tune_malloc(args.malloc)  # before extraction too, so every part runs under the same allocator
     sweep = parse_sweep(args.sweep or ["lr=1e-3,3e-3,1e-2,3e-2", "r=8,16"])
     common = dict(
         backbone=args.backbone,
@@ -72,7 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         test_size=args.test_size,
     )
-    train = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, progress=False)
+    train = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        progress=False,
+        malloc=args.malloc,
+    )
     image_train = train if args.image_epochs is None else dataclasses.replace(train, epochs=args.image_epochs)
     out: dict = {"command": "python benchmarks/side_speed.py " + " ".join(argv or sys.argv[1:]), "runs": {}}
 
@@ -87,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_epoch": m["seconds_per_epoch"],
             "wall_seconds": time.perf_counter() - t0,
             "test_accuracy": m["test_accuracy"],
+            "epoch_seconds": [round(h["seconds"], 2) for h in res["history"]],
+            "malloc": res["env"]["malloc"],
         }
         print(f"{name}: {out['runs'][name]}", flush=True)
         return out["runs"][name]
@@ -137,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             per_epoch / last_images["seconds_per_epoch"]
         )
     out["ratios"] = ratios
-    out["env"] = environment(resolve_device(args.device))
+    out["env"] = {**environment(resolve_device(args.device)), "malloc": malloc}
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
     write_json(os.path.join(args.output, "side_speed.json"), out)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from thrifty.data.base import LabelledDataset, TaskData
 from thrifty.errors import ConfigError, NonFiniteLossError, ResultsExistError
+from thrifty.train.allocator import MALLOC_MODES, tune_malloc
 from thrifty.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from thrifty.train.distributed import DistInfo, barrier, broadcast_flag, init_distributed
 from thrifty.train.optim import build_optimizer, cosine_lr, set_lr
@@ -45,6 +46,7 @@ class TrainConfig:
     num_workers: int = 0
     select_on_val: bool = False  # train on the tuning split, keep the best epoch on val, then test it
     progress: bool = True
+    malloc: str = "tuned"  # CPU: keep freed large blocks for reuse (thrifty.train.allocator); "system": leave it
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -53,6 +55,8 @@ class TrainConfig:
                 raise ConfigError(f"`{name}` must be positive, got {getattr(self, name)!r}")
         if self.lr <= 0:
             raise ConfigError(f"`lr` must be positive, got {self.lr!r}")
+        if self.malloc not in MALLOC_MODES:
+            raise ConfigError(f"`malloc` must be one of {MALLOC_MODES}, got {self.malloc!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -138,6 +142,7 @@ class Trainer:
     def __init__(self, model, task: TaskData, config: TrainConfig, output_dir: str | None = None):
         self.model, self.task, self.cfg, self.output_dir = model, task, config, output_dir
         self.device = resolve_device(config.device)
+        self.malloc = tune_malloc(config.malloc) if self.device.type == "cpu" else "system"
         self.dist: DistInfo = init_distributed(self.device)
         torch.manual_seed(config.seed)
         self.model.to(self.device)
@@ -291,7 +296,11 @@ class Trainer:
         cfg = self.cfg
         if cfg.select_on_val and self.best_state is not None:
             self._load_state(self.best_state)
-        out: dict[str, Any] = {"history": self.history, "epochs_run_this_session": len(epoch_times)}
+        out: dict[str, Any] = {
+            "history": self.history,
+            "epochs_run_this_session": len(epoch_times),
+            "malloc": self.malloc,
+        }
         if self.dist.is_main:
             test = evaluate(
                 self.model,

@@ -31,6 +31,7 @@ from thrifty.data import TaskData, load_data
 from thrifty.errors import ConfigError, ResultsExistError
 from thrifty.features.taps import extract_taps
 from thrifty.io import write_json, write_text
+from thrifty.train.allocator import tune_malloc
 from thrifty.train.loop import (
     TrainConfig,
     _autocast,
@@ -105,6 +106,7 @@ class SweepTrainer:
     def __init__(self, members: list[Member], task: TaskData, config: TrainConfig, reads_taps: bool):
         self.members, self.task, self.cfg, self.reads_taps = members, task, config, reads_taps
         self.device = resolve_device(config.device)
+        self.malloc = tune_malloc(config.malloc) if self.device.type == "cpu" else "system"
         self.backbone = members[0].model.backbone
         self.taps = sorted({t for m in members for t in m.model.tap_names()})
         self.train_set = task.split("tune_train" if config.select_on_val else "train")
@@ -202,7 +204,11 @@ class SweepTrainer:
         per_epoch = sum(seconds) / max(1, len(seconds))
         out = {}
         for m in self.members:
-            fit: dict[str, Any] = {"history": m.history, "epochs_run_this_session": len(seconds)}
+            fit: dict[str, Any] = {
+                "history": m.history,
+                "epochs_run_this_session": len(seconds),
+                "malloc": self.malloc,
+            }
             if m.name in test:
                 t = test[m.name]
                 fit.update(test_accuracy=t["accuracy"], test_loss=t["loss"], test_samples=t["samples"])
