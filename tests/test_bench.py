@@ -221,6 +221,10 @@ def test_report_files_show_failed_and_label_both_means(results_dir, tmp_path):
     assert all(os.path.getsize(p) > 1000 for p in out["plots"])
     page = docs.read_text()
     assert "](benchmarks/accuracy_vs_saved_bytes.png)" in page and (docs.parent / "benchmarks").is_dir()
+    assert "benchmarks-more.md" not in page  # linked only when the hand-written page exists
+    (docs.parent / "benchmarks-more.md").write_text("# More\n")
+    build_report(results_dir, docs=str(docs))
+    assert "[benchmarks-more.md](benchmarks-more.md)" in docs.read_text()
 
 
 def test_pareto_front():

@@ -23,6 +23,9 @@ from thrifty.bench.report import (
 )
 
 
+MORE_DOCS = "benchmarks-more.md"  # hand-written benchmarks beside the generated page, linked when present
+
+
 def cost_rows(cells: list[CellResult]) -> str:
     """Per (task, method) costs, averaged over complete seeds."""
     keys = ("trainable_params", "adapter_bytes", "saved_activation_bytes", "peak_memory_bytes", "seconds_per_epoch")
@@ -143,6 +146,8 @@ def build_report(out_dir: str, report_dir: str | None = None, docs: str | None =
             f"Machine-readable table: [{os.path.basename(out['csv'])}]"
             f"({os.path.relpath(os.path.join(image_dir, os.path.basename(out['csv'])), docs_dir)})."
         )
+        if os.path.exists(os.path.join(docs_dir, MORE_DOCS)):
+            note += f" Benchmarks outside this grid, each with its own script and JSON: [{MORE_DOCS}]({MORE_DOCS})."
         text = render(layout, rows, cells, prov, copied, docs_dir, "Benchmarks", note)
         out["docs"] = write(docs, text)
     return out
