@@ -44,6 +44,27 @@ def test_lsa_block():
         LowRankSelfAttention(32, 6, heads=4)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_up_projection_with_the_bias_in_the_matmul_is_nn_linear(bias):
+    """`project_up` ([o | 1] @ [W^T ; b]) against `nn.Linear`: same output and the same parameter gradients."""
+    lsa = LowRankSelfAttention(32, 8, bias=bias)
+    randomize(lsa)
+    o = torch.randn(3, 7, 8, dtype=torch.float64)
+    lsa.double()
+    g = torch.randn(3, 7, 32, dtype=torch.float64)
+    grads = []
+    for fn in (lsa.project_up, lsa.up):
+        lsa.zero_grad()
+        out = fn(o)
+        (out * g).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in lsa.up.parameters()]))
+    (y1, g1), (y2, g2) = grads
+    torch.testing.assert_close(y1, y2)
+    assert len(g1) == (2 if bias else 1)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("lsa_input", ["sum", "corrected"])
 @pytest.mark.parametrize("bias_correction", [True, False])
 def test_side_stream_equations(lsa_input, bias_correction):

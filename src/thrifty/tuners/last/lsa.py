@@ -50,9 +50,23 @@ class LowRankSelfAttention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, r / h)
         return o.transpose(1, 2).reshape(b, n, self.rank)
 
+    def project_up(self, o: torch.Tensor) -> torch.Tensor:
+        """up(o): (B, N, r) -> (B, N, D), as [o | 1] @ [W_up^T ; b_up], one (BN, r + 1) x (r + 1, D) product.
+
+        Same function as `self.up(o)` (up to float rounding; exactly 0 while up is zero). Why: `addmm` on CPU first
+        copies the broadcast bias into its (BN, D) output and autograd reduces a (BN, D) gradient for the bias, two
+        passes over a D-wide tensor that the ones column folds into the matmul (LAST step about 8 % faster on the
+        2-core CPU, docs/methods.md)."""
+        if self.up.bias is None:
+            return self.up(o)
+        b, n, r = o.shape
+        o1 = torch.cat([o.reshape(b * n, r), o.new_ones(b * n, 1)], 1)  # (BN, r + 1)
+        w1 = torch.cat([self.up.weight.t(), self.up.bias[None]], 0)  # (r + 1, D)
+        return torch.mm(o1, w1).view(b, n, -1)
+
     def branch(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The residual branch up(Attn(...)) alone, (B, N, D)."""
-        return self.up(self.attend(self.qkv(self.norm(x)), mask))
+        return self.project_up(self.attend(self.qkv(self.norm(x)), mask))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return x + self.branch(x, mask)
