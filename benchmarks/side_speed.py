@@ -101,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
             "test_accuracy": m["test_accuracy"],
             "epoch_seconds": [round(h["seconds"], 2) for h in res["history"]],
             "malloc": res["env"]["malloc"],
-            "flush_denormal": res["env"]["flush_denormal"],
         }
         print(f"{name}: {out['runs'][name]}", flush=True)
         return out["runs"][name]

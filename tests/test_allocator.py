@@ -56,24 +56,3 @@ def test_modes_and_refusals(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
     assert preloaded_allocator() == "libtcmalloc_minimal.so.4"
     assert tune_malloc("tuned") == "preloaded:libtcmalloc_minimal.so.4"
-
-
-def test_cpu_settings_are_applied_and_reported():
-    import torch
-
-    from thrifty.train.loop import cpu_settings
-
-    cpu = torch.device("cpu")
-    try:
-        on = cpu_settings(TrainConfig(malloc="system"), cpu)
-        assert on["malloc"] in ("system",) or on["malloc"].startswith("preloaded:")
-        assert on["flush_denormal"] is torch.set_flush_denormal(True)  # True where the CPU supports it (x86 SSE3)
-        if on["flush_denormal"]:
-            assert torch.tensor([1e-40]).mul(1.0).item() == 0.0  # a subnormal float32 reads as 0
-        torch.set_flush_denormal(False)
-        off = cpu_settings(TrainConfig(malloc="system", flush_denormal=False), cpu)
-        assert off == {"malloc": on["malloc"], "flush_denormal": False}
-        assert torch.tensor([1e-40]).mul(1.0).item() != 0.0
-        assert cpu_settings(TrainConfig(), torch.device("meta")) == {"malloc": "system", "flush_denormal": False}
-    finally:
-        torch.set_flush_denormal(False)

@@ -47,7 +47,6 @@ class TrainConfig:
     select_on_val: bool = False  # train on the tuning split, keep the best epoch on val, then test it
     progress: bool = True
     malloc: str = "tuned"  # CPU: keep freed large blocks for reuse (thrifty.train.allocator); "system": leave it
-    flush_denormal: bool = True  # CPU: flush subnormal floats to zero (torch.set_flush_denormal), cpu_settings()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -58,20 +57,6 @@ class TrainConfig:
             raise ConfigError(f"`lr` must be positive, got {self.lr!r}")
         if self.malloc not in MALLOC_MODES:
             raise ConfigError(f"`malloc` must be one of {MALLOC_MODES}, got {self.malloc!r}")
-
-
-def cpu_settings(config: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """Process-wide CPU settings a training run asks for; returns what is in effect (recorded in results.json).
-
-    `malloc` (thrifty.train.allocator). `flush_denormal`: subnormal floats (|x| < 1.2e-38) are read and written as 0,
-    as TensorFlow does on CPU by default. Subnormals appear when attention probabilities underflow as training
-    sharpens them, and x86 cores take microcode assists on them: LAST epochs from a cache grew from 13.0 to 14.6 s
-    over 6 epochs without it and stayed at 12.5-13.3 s with it (docs/benchmarks-more.md). Only values that small
-    change, and it cannot be undone per thread from here, so it stays set for the process."""
-    if device.type != "cpu":
-        return {"malloc": "system", "flush_denormal": False}
-    flush = bool(config.flush_denormal and torch.set_flush_denormal(True))
-    return {"malloc": tune_malloc(config.malloc), "flush_denormal": flush}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,7 +142,7 @@ class Trainer:
     def __init__(self, model, task: TaskData, config: TrainConfig, output_dir: str | None = None):
         self.model, self.task, self.cfg, self.output_dir = model, task, config, output_dir
         self.device = resolve_device(config.device)
-        self.cpu_settings = cpu_settings(config, self.device)
+        self.malloc = tune_malloc(config.malloc) if self.device.type == "cpu" else "system"
         self.dist: DistInfo = init_distributed(self.device)
         torch.manual_seed(config.seed)
         self.model.to(self.device)
@@ -314,7 +299,7 @@ class Trainer:
         out: dict[str, Any] = {
             "history": self.history,
             "epochs_run_this_session": len(epoch_times),
-            "cpu_settings": self.cpu_settings,
+            "malloc": self.malloc,
         }
         if self.dist.is_main:
             test = evaluate(

@@ -215,7 +215,7 @@ def finish_run(
         "train": asdict(train),
         "seed": train.seed,
         "history": fit.pop("history"),
-        "env": {**environment(device), **fit.pop("cpu_settings", {})},
+        "env": {**environment(device), "malloc": fit.pop("malloc", None)},
         "extra": extra or {},
     }
     metrics = {
