@@ -32,7 +32,7 @@ from thrifty.features import extract_features, roles_for
 from thrifty.io import write_json
 from thrifty.metrics import environment
 from thrifty.train import TrainConfig, run_training
-from thrifty.train.allocator import tune_malloc
+from thrifty.train.allocator import MALLOC_MODES, tune_malloc
 from thrifty.train.loop import resolve_device
 from thrifty.train.sweep import parse_sweep, run_sweep
 from thrifty.tuners import get_tuned_model, make_config
@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fp16", action="store_true", help="float16 cache (half the disk)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument(
-        "--malloc", choices=("tuned", "system"), default="tuned", help="TrainConfig.malloc for every run (CPU)"
-    )
+    p.add_argument("--malloc", choices=MALLOC_MODES, default="tuned", help="TrainConfig.malloc for every run (CPU)")
     p.add_argument("--output", default="runs/benchmarks/side_speed")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: lora, sweep")
     args = p.parse_args(argv)

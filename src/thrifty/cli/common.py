@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from thrifty.errors import ConfigError
+from thrifty.train.allocator import MALLOC_MODES
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -98,7 +99,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument(
         "--malloc",
-        choices=("tuned", "system"),
+        choices=MALLOC_MODES,
         default="tuned",
         help="CPU: `tuned` keeps freed large blocks for reuse (glibc; fewer page faults per step), `system` leaves "
         "the allocator alone",

@@ -59,6 +59,11 @@ class TrainConfig:
             raise ConfigError(f"`malloc` must be one of {MALLOC_MODES}, got {self.malloc!r}")
 
 
+def apply_malloc(config: TrainConfig, device: torch.device) -> str:
+    """`config.malloc` applied on CPU (thrifty.train.allocator); returns what is in effect ('system' on CUDA)."""
+    return tune_malloc(config.malloc) if device.type == "cpu" else "system"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -142,7 +147,7 @@ class Trainer:
     def __init__(self, model, task: TaskData, config: TrainConfig, output_dir: str | None = None):
         self.model, self.task, self.cfg, self.output_dir = model, task, config, output_dir
         self.device = resolve_device(config.device)
-        self.malloc = tune_malloc(config.malloc) if self.device.type == "cpu" else "system"
+        self.malloc = apply_malloc(config, self.device)
         self.dist: DistInfo = init_distributed(self.device)
         torch.manual_seed(config.seed)
         self.model.to(self.device)

@@ -31,10 +31,10 @@ from thrifty.data import TaskData, load_data
 from thrifty.errors import ConfigError, ResultsExistError
 from thrifty.features.taps import extract_taps
 from thrifty.io import write_json, write_text
-from thrifty.train.allocator import tune_malloc
 from thrifty.train.loop import (
     TrainConfig,
     _autocast,
+    apply_malloc,
     evaluate_many,
     optimizer_step,
     resolve_device,
@@ -106,7 +106,7 @@ class SweepTrainer:
     def __init__(self, members: list[Member], task: TaskData, config: TrainConfig, reads_taps: bool):
         self.members, self.task, self.cfg, self.reads_taps = members, task, config, reads_taps
         self.device = resolve_device(config.device)
-        self.malloc = tune_malloc(config.malloc) if self.device.type == "cpu" else "system"
+        self.malloc = apply_malloc(config, self.device)
         self.backbone = members[0].model.backbone
         self.taps = sorted({t for m in members for t in m.model.tap_names()})
         self.train_set = task.split("tune_train" if config.select_on_val else "train")
