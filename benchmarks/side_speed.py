@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="torch threads")
     p.add_argument("--malloc", choices=MALLOC_MODES, default="tuned", help="TrainConfig.malloc for every run (CPU)")
+    p.add_argument("--keep-denormals", action="store_true", help="TrainConfig.flush_denormal=False for every run")
     p.add_argument("--output", default="runs/benchmarks/side_speed")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: lora, sweep")
     args = p.parse_args(argv)
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         progress=False,
         malloc=args.malloc,
+        flush_denormal=not args.keep_denormals,
     )
     image_train = train if args.image_epochs is None else dataclasses.replace(train, epochs=args.image_epochs)
     out: dict = {"command": "python benchmarks/side_speed.py " + " ".join(argv or sys.argv[1:]), "runs": {}}
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             "test_accuracy": m["test_accuracy"],
             "epoch_seconds": [round(h["seconds"], 2) for h in res["history"]],
             "malloc": res["env"]["malloc"],
+            "denormals": res["env"]["denormals"],
         }
         print(f"{name}: {out['runs'][name]}", flush=True)
         return out["runs"][name]

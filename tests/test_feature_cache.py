@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from thrifty.backbones import load_backbone
 from thrifty.cli.main import main
 from thrifty.data import load_data
+from thrifty.data.base import batch_loader
 from thrifty.errors import ConfigError, DataError
 from thrifty.features import (
     CacheMismatchError,
@@ -25,6 +26,7 @@ from thrifty.features import (
 from thrifty.features import cache as cache_module
 from thrifty.io import load_tensors
 from thrifty.train import TrainConfig, run_training
+from thrifty.train.sampler import GlobalBatchSampler
 from thrifty.tuners import get_tuned_model, make_config
 
 
@@ -92,6 +94,46 @@ def test_round_trip(tmp_path, bb, task):
     assert widened["block.5"].dtype == torch.float32 and torch.equal(widened["block.5"].half(), got16["block.5"])
     torch.testing.assert_close(widened["block.5"], want["block.5"], rtol=2e-3, atol=2e-3)
     assert not torch.equal(widened["block.5"], want["block.5"])
+
+
+def _collated(ds, indices):
+    """What torch's DataLoader makes of the items: the reference for `get_batch`."""
+    return next(iter(DataLoader(ds, batch_sampler=[indices])))
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_batch_reads_equal_collated_items(tmp_path, bb, task, kind):
+    if kind == "text":
+        bb = load_backbone("minilm", pretrained=False, max_length=16)
+        task = load_data("reviews:1k", bb.preprocess, seed=0, test_size=100)
+        taps = ["block.0", "block.3", "mask"]
+    else:
+        taps = TAPS
+    cache, _ = extract_features(str(tmp_path), bb, task, taps, splits=["test"], chunk_size=32, dtype="float16")
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0)).tolist()
+    indices = order[:40]  # crosses all four chunks, out of order
+    stored, widened = cache.dataset("test"), cache.dataset("test", float_dtype=torch.float32)
+    ref_x, ref_y = _collated(stored, indices)
+    for ds in (stored, widened):
+        x, y = ds.get_batch(indices)
+        assert torch.equal(y, ref_y) and y.dtype == torch.int64 and x.keys() == ref_x.keys()
+        for t in x:
+            want = ref_x[t] if ds is stored or t == "mask" else ref_x[t].float()  # fp16 -> fp32 is exact
+            assert x[t].dtype == want.dtype and torch.equal(x[t], want), t
+        x[taps[0]].add_(1.0)  # batches are copies: the cache is untouched
+    assert torch.equal(stored.get_batch(indices)[0][taps[0]], ref_x[taps[0]])
+    assert widened[order[0]][0][taps[0]].dtype == torch.float32  # items widen too
+    if kind == "text":
+        assert ref_x["mask"].dtype == torch.bool
+    sub = stored.subset(order[50:])  # a Subset forwards the batch read with its own indices
+    assert all(
+        torch.equal(a, b) for a, b in zip(sub.get_batch([0, 3])[0].values(), _collated(sub, [0, 3])[0].values())
+    )
+    sampler = GlobalBatchSampler(100, 32, seed=3)
+    loaded = list(batch_loader(stored, sampler))
+    assert [len(y) for _, y in loaded] == [32, 32, 32, 4]
+    for (x, y), (rx, ry) in zip(loaded, DataLoader(stored, batch_sampler=sampler)):
+        assert torch.equal(y, ry) and all(torch.equal(x[t], rx[t]) for t in rx)
 
 
 def test_refuses_foreign_caches(tmp_path, bb, task):

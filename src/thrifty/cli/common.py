@@ -104,6 +104,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         help="CPU: `tuned` keeps freed large blocks for reuse (glibc; fewer page faults per step), `system` leaves "
         "the allocator alone",
     )
+    g.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="CPU: do not flush subnormal floats to zero during training (slower once attention sharpens)",
+    )
 
 
 def train_config(args: argparse.Namespace):
@@ -124,6 +129,7 @@ def train_config(args: argparse.Namespace):
         select_on_val=args.select_on_val,
         progress=not args.no_progress,
         malloc=args.malloc,
+        flush_denormal=not args.keep_denormals,
     )
 
 

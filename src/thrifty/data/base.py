@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.collate import default_collate
 
 from thrifty.backbones.preprocess import ImagePreprocess, TextPreprocess
 from thrifty.errors import DataError
@@ -39,6 +40,11 @@ class LabelledDataset(Dataset):
     def subset(self, indices: Sequence[int]) -> LabelledDataset:
         return Subset(self, np.asarray(indices, dtype=np.int64))
 
+    def get_batch(self, indices: Sequence[int]) -> Any:
+        """The collated batch `(inputs, labels)` of `indices`: torch's default collation of the items. Datasets that
+        can read a batch at once override it (thrifty.features.cache: one copy per row, no per-item tensors)."""
+        return default_collate([self[int(i)] for i in indices])
+
     def fingerprint(self) -> str:
         """Identifies the samples (not the preprocessing): used by feature caches."""
         import hashlib
@@ -57,8 +63,28 @@ class Subset(LabelledDataset):
     def __getitem__(self, i: int) -> tuple[Any, int]:
         return self.base[int(self.indices[i])]
 
+    def get_batch(self, indices: Sequence[int]) -> Any:
+        return self.base.get_batch([int(self.indices[i]) for i in indices])
+
     def _sample_key(self) -> bytes:
         return self.base._sample_key() + self.indices.tobytes()
+
+
+class _BatchReader(Dataset):
+    """Indexed by a list of indices: `dataset.get_batch(indices)`."""
+
+    def __init__(self, dataset: LabelledDataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices: Sequence[int]) -> Any:
+        return self.dataset.get_batch(indices)
+
+
+def batch_loader(dataset: LabelledDataset, batches: Sampler[list[int]], num_workers: int = 0) -> DataLoader:
+    """A DataLoader yielding `(inputs, labels)` for each index list of `batches`, read by `dataset.get_batch`
+    (the same batches as `DataLoader(dataset, batch_sampler=batches)`, and a batch-at-once read where the dataset
+    has one)."""
+    return DataLoader(_BatchReader(dataset), sampler=batches, batch_size=None, num_workers=num_workers)
 
 
 class ArrayImageDataset(LabelledDataset):

@@ -73,10 +73,12 @@ def cached_task(
     *,
     roles: Sequence[str] = ("train", "test"),
     extract: bool = True,
+    float_dtype: torch.dtype | None = None,
     **extract_kwargs: Any,
 ) -> TaskData:
     """`task` with the splits that play `roles` replaced by cached-tap datasets (extracting what is missing,
-    unless `extract=False`: then the cache must be complete, e.g. when several data-parallel ranks read it)."""
+    unless `extract=False`: then the cache must be complete, e.g. when several data-parallel ranks read it).
+    `float_dtype`: widen float taps to it as they are read (default: the cache's dtype)."""
     splits = sorted({PROTOCOLS[task.protocol][r] for r in roles})
     if extract:
         cache, stats = extract_features(root, backbone, task, taps, splits=splits, **extract_kwargs)
@@ -93,5 +95,5 @@ def cached_task(
             "extracted_chunks": {s["split"]: s["extracted"] for s in stats},
         },
     }
-    datasets = {s: cache.dataset(s, taps) for s in splits}
+    datasets = {s: cache.dataset(s, taps, float_dtype) for s in splits}
     return TaskData(task.name, datasets, task.num_classes, task.protocol, meta)

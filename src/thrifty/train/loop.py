@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, SequentialSampler
 from tqdm.auto import tqdm
 
-from thrifty.data.base import LabelledDataset, TaskData
+from thrifty.data.base import LabelledDataset, TaskData, batch_loader
 from thrifty.errors import ConfigError, NonFiniteLossError, ResultsExistError
 from thrifty.train.allocator import MALLOC_MODES, tune_malloc
 from thrifty.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from thrifty.train.denormals import flushed_denormals
 from thrifty.train.distributed import DistInfo, barrier, broadcast_flag, init_distributed
 from thrifty.train.optim import build_optimizer, cosine_lr, set_lr
 from thrifty.train.sampler import GlobalBatchSampler
@@ -47,6 +48,7 @@ class TrainConfig:
     select_on_val: bool = False  # train on the tuning split, keep the best epoch on val, then test it
     progress: bool = True
     malloc: str = "tuned"  # CPU: keep freed large blocks for reuse (thrifty.train.allocator); "system": leave it
+    flush_denormal: bool = True  # CPU: subnormal floats read as 0 on every thread during fit (train.denormals)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +64,11 @@ class TrainConfig:
 def apply_malloc(config: TrainConfig, device: torch.device) -> str:
     """`config.malloc` applied on CPU (thrifty.train.allocator); returns what is in effect ('system' on CUDA)."""
     return tune_malloc(config.malloc) if device.type == "cpu" else "system"
+
+
+def cpu_numerics(config: TrainConfig, device: torch.device):
+    """Context for a fit: `config.flush_denormal` on CPU (thrifty.train.denormals); yields what is in effect."""
+    return flushed_denormals(config.flush_denormal and device.type == "cpu")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,7 +121,7 @@ def evaluate_many(
     was_training = {k: m.training for k, m in models.items()}
     for m in models.values():
         m.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = batch_loader(dataset, BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last=False))
     sums = {k: [0, 0.0] for k in models}  # correct, loss sum
     total = 0
     for inputs, labels in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -148,6 +155,7 @@ class Trainer:
         self.model, self.task, self.cfg, self.output_dir = model, task, config, output_dir
         self.device = resolve_device(config.device)
         self.malloc = apply_malloc(config, self.device)
+        self.denormals: str | None = None  # set by fit (cpu_numerics)
         self.dist: DistInfo = init_distributed(self.device)
         torch.manual_seed(config.seed)
         self.model.to(self.device)
@@ -155,7 +163,7 @@ class Trainer:
         self.sampler = GlobalBatchSampler(
             len(self.train_set), config.batch_size, config.seed, rank=self.dist.rank, world_size=self.dist.world_size
         )
-        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=config.num_workers)
+        self.loader = batch_loader(self.train_set, self.sampler, config.num_workers)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -233,6 +241,10 @@ class Trainer:
 
     # --- training --------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        with cpu_numerics(self.cfg, self.device) as self.denormals:
+            return self._fit(resume, overwrite)
+
+    def _fit(self, resume: bool, overwrite: bool) -> dict[str, Any]:
         self._check_outputs(resume, overwrite)
         if resume and self.checkpoint_path and os.path.exists(self.checkpoint_path):
             self._restore()
@@ -305,6 +317,7 @@ class Trainer:
             "history": self.history,
             "epochs_run_this_session": len(epoch_times),
             "malloc": self.malloc,
+            "denormals": self.denormals,
         }
         if self.dist.is_main:
             test = evaluate(

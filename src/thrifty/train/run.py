@@ -171,6 +171,9 @@ def use_feature_cache(
     for model in models:
         require_side(model, "train from a feature cache")
     taps = sorted({t for model in models for t in model.tap_names()})
+    device = resolve_device(train.device)
+    # on CPU, widen a float16 cache to the head's dtype in the one copy out of the map; on CUDA copy float16 over
+    float_dtype = next(models[0].head.parameters()).dtype if device.type == "cpu" else None
     source = {}
     if remote is not None:
         remote.check_taps(taps)
@@ -183,9 +186,10 @@ def use_feature_cache(
         roles=roles_for(train.select_on_val),
         extract=int(os.environ.get("WORLD_SIZE", "1")) <= 1,  # torchrun ranks only read (thrifty extract first)
         batch_size=train.eval_batch_size or max(train.batch_size, 64),
-        device=resolve_device(train.device),
+        device=device,
         amp=train.amp,
         progress=train.progress,
+        float_dtype=float_dtype,
         **source,
     )
     for model in models:
@@ -215,7 +219,7 @@ def finish_run(
         "train": asdict(train),
         "seed": train.seed,
         "history": fit.pop("history"),
-        "env": {**environment(device), "malloc": fit.pop("malloc", None)},
+        "env": {**environment(device), "malloc": fit.pop("malloc", None), "denormals": fit.pop("denormals", None)},
         "extra": extra or {},
     }
     metrics = {

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from thrifty.backbones import Backbone, load_backbone
 from thrifty.data import TaskData, load_data
+from thrifty.data.base import batch_loader
 from thrifty.errors import ConfigError, ResultsExistError
 from thrifty.features.taps import extract_taps
 from thrifty.io import write_json, write_text
@@ -35,6 +35,7 @@ from thrifty.train.loop import (
     TrainConfig,
     _autocast,
     apply_malloc,
+    cpu_numerics,
     evaluate_many,
     optimizer_step,
     resolve_device,
@@ -107,11 +108,12 @@ class SweepTrainer:
         self.members, self.task, self.cfg, self.reads_taps = members, task, config, reads_taps
         self.device = resolve_device(config.device)
         self.malloc = apply_malloc(config, self.device)
+        self.denormals: str | None = None  # set by fit (cpu_numerics)
         self.backbone = members[0].model.backbone
         self.taps = sorted({t for m in members for t in m.model.tap_names()})
         self.train_set = task.split("tune_train" if config.select_on_val else "train")
         self.sampler = GlobalBatchSampler(len(self.train_set), config.batch_size, config.seed)
-        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=config.num_workers)
+        self.loader = batch_loader(self.train_set, self.sampler, config.num_workers)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = self.steps_per_epoch * config.epochs
         for m in members:
@@ -153,6 +155,10 @@ class SweepTrainer:
         return value
 
     def fit(self) -> dict[str, dict[str, Any]]:
+        with cpu_numerics(self.cfg, self.device) as self.denormals:
+            return self._fit()
+
+    def _fit(self) -> dict[str, dict[str, Any]]:
         cfg = self.cfg
         seconds = []
         for epoch in range(cfg.epochs):
@@ -208,6 +214,7 @@ class SweepTrainer:
                 "history": m.history,
                 "epochs_run_this_session": len(seconds),
                 "malloc": self.malloc,
+                "denormals": self.denormals,
             }
             if m.name in test:
                 t = test[m.name]

@@ -33,8 +33,9 @@ class SideTuner(TunedModel):
         return self.head(self.features_from_taps(self.float_taps(taps)))
 
     def float_taps(self, taps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`taps` with floating tensors in the head's dtype: a float16 feature cache yields float16 batches (half
-        the bytes to read and collate) and is widened here, once per batch (exact: fp16 -> fp32 is lossless)."""
+        """`taps` with floating tensors in the head's dtype (exact: fp16 -> fp32 is lossless). On CPU the training
+        loops read a float16 cache already widened (one copy out of the map); on CUDA its batches travel as float16
+        and are widened here, once per batch; for taps already in the head's dtype this is a no-op."""
         dtype = next(self.head.parameters()).dtype
         return {k: v.to(dtype) if v.is_floating_point() else v for k, v in taps.items()}
 
