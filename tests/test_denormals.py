@@ -44,7 +44,7 @@ def test_torch_setting_reaches_only_the_calling_thread(two_threads):
 def test_flush_reaches_every_pool_thread_and_is_restored(two_threads):
     assert zero_fraction() == 0.0 and not thread_flushes_denormals()
     with flushed_denormals() as state:
-        assert state == "flushed (2 threads)"
+        assert state == "flushed (2 of 2 threads)"
         assert zero_fraction() == 1.0
         torch.set_num_threads(1)  # a smaller team later, then a bigger one again: still flushed
         assert zero_fraction() == 1.0
@@ -58,7 +58,7 @@ def test_flush_reaches_every_pool_thread_and_is_restored(two_threads):
 def test_an_outer_flush_is_left_in_place(two_threads):
     set_flush_denormal_all(True)
     with flushed_denormals() as state:
-        assert state == "flushed (2 threads)"
+        assert state == "flushed (2 of 2 threads)"
     assert zero_fraction() == 1.0  # the caller had it on before the block: still on
 
 
@@ -73,7 +73,7 @@ def test_trainer_flushes_during_fit_only_and_records_it(tiny_vit_factory, two_th
         return original(self, epoch)
 
     monkeypatch.setattr(Trainer, "_train_epoch", spy)
-    for flush, state, fraction in ((True, "flushed (2 threads)", 1.0), (False, "kept", 0.0)):
+    for flush, state, fraction in ((True, "flushed (2 of 2 threads)", 1.0), (False, "kept", 0.0)):
         seen.clear()
         model = get_tuned_model(bb, make_config("linear"), task.num_classes)
         cfg = TrainConfig(epochs=2, batch_size=250, progress=False, device="cpu", flush_denormal=flush)

@@ -33,15 +33,21 @@ def thread_flushes_denormals() -> bool:
     return subnormal.mul(1.0).item() == 0.0
 
 
+_OPENMP_LIBS = ("libgomp.so.1", "libiomp5.so", "libomp.so")  # GNU (pip wheels), Intel, LLVM (both export GOMP_*)
+
+
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """torch's libgomp if it is already loaded in this process (RTLD_NOLOAD: never a second copy), else None."""
+    """The OpenMP runtime torch already loaded in this process (RTLD_NOLOAD: never a second copy), else None."""
     if platform.system() != "Linux":
         return None
-    try:
-        lib = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
-    except OSError:
-        return None
-    return lib if hasattr(lib, "GOMP_parallel") else None
+    for name in _OPENMP_LIBS:
+        try:
+            lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD)
+        except OSError:
+            continue
+        if hasattr(lib, "GOMP_parallel"):
+            return lib
+    return None
 
 
 def set_flush_denormal_all(on: bool) -> int:
@@ -71,14 +77,15 @@ def set_flush_denormal_all(on: bool) -> int:
 @contextmanager
 def flushed_denormals(enabled: bool = True) -> Iterator[str]:
     """Flush subnormals to zero on all of torch's CPU threads inside the block (if `enabled`); yields what is in
-    effect: 'flushed (N threads)', 'kept' or 'unsupported'. The previous setting is restored on exit."""
+    effect: 'flushed (N of T threads)' (T = torch.get_num_threads()), 'kept' or 'unsupported'. The previous
+    setting is restored on exit."""
     if not enabled:
         yield "kept"
         return
     before = thread_flushes_denormals()
     threads = set_flush_denormal_all(True)
     try:
-        yield f"flushed ({threads} threads)" if threads else "unsupported"
+        yield f"flushed ({threads} of {torch.get_num_threads()} threads)" if threads else "unsupported"
     finally:
         if threads and not before:
             set_flush_denormal_all(False)
