@@ -20,6 +20,7 @@ import datetime as _dt
 import functools
 import os
 import tempfile
+import warnings
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -356,10 +357,10 @@ def _write_npy(path: str, arr: np.ndarray) -> None:
 
 
 class CachedTapDataset(LabelledDataset):
-    """Items ({tap: (per-sample shape) tensor}, label) read from memory-mapped chunk files (at most `max_open`
-    mapped at once, copy-on-write so nothing can reach the files): float taps in the cache's dtype, or widened to
-    `float_dtype` while they are copied out of the map (exact: fp16 -> fp32 is lossless); `mask` as bool.
-    `get_batch` reads a whole batch with one copy per row (what the training loops use)."""
+    """Items ({tap: (per-sample shape) tensor}, label) read from read-only memory-mapped chunk files (at most
+    `max_open` mapped at once): float taps in the cache's dtype, or widened to `float_dtype` while they are copied
+    out of the map (exact: fp16 -> fp32 is lossless); `mask` as bool. `get_batch` reads a whole batch with one
+    copy per row (what the training loops use)."""
 
     def __init__(
         self,
@@ -381,12 +382,15 @@ class CachedTapDataset(LabelledDataset):
         return self._fingerprint
 
     def _map(self, chunk: int, tap: str) -> torch.Tensor:
-        """The chunk file of `tap` as a tensor over its memory map, (rows in chunk, per-sample shape)."""
+        """The chunk file of `tap` as a tensor over its read-only memory map, (rows in chunk, per-sample shape);
+        only ever copied from (writing into it would fault)."""
         key = (chunk, tap)
         if key in self._open:
             self._open.move_to_end(key)
             return self._open[key]
-        arr = torch.from_numpy(np.load(os.path.join(self.root, self.files[key]), mmap_mode="c"))
+        with warnings.catch_warnings():  # torch warns that the map is read-only: it is only ever copied from
+            warnings.simplefilter("ignore", UserWarning)
+            arr = torch.from_numpy(np.load(os.path.join(self.root, self.files[key]), mmap_mode="r"))
         self._open[key] = arr
         if len(self._open) > self.max_open:
             self._open.popitem(last=False)

@@ -1,9 +1,9 @@
 """CPU numerics setting for training loops: flush subnormal floats to zero (FTZ/DAZ) on every thread torch uses.
 
 Why: subnormal floats (|x| < 1.2e-38 in float32) take a slow microcode path on x86 cores. They appear as training
-sharpens attention (probabilities and their gradients underflow): LAST on a ViT-B/16 feature cache spends 5.2 s
-per epoch in backward at the start and 7.6 s after five epochs with subnormals kept, and stays at 5.2 s with them
-flushed (docs/benchmarks-more.md, "Side-tuning speed claims"). TensorFlow flushes them on CPU by default.
+sharpens attention (probabilities and their gradients underflow): LAST on a ViT-B/16 feature cache spends 5.3 s
+per epoch in backward in epoch 2 and 7.3-7.6 s from epoch 5 on with subnormals kept, and 5.0-5.4 s throughout
+with them flushed (docs/benchmarks-more.md, "Side-tuning speed claims"). TensorFlow flushes them on CPU by default.
 
 `torch.set_flush_denormal` only sets the calling thread's MXCSR register, and threads copy it when they are
 created, so torch's OpenMP pool, created by the first parallel op (loading the backbone, extraction), keeps

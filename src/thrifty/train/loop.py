@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,7 +66,7 @@ def apply_malloc(config: TrainConfig, device: torch.device) -> str:
     return tune_malloc(config.malloc) if device.type == "cpu" else "system"
 
 
-def cpu_numerics(config: TrainConfig, device: torch.device):
+def cpu_numerics(config: TrainConfig, device: torch.device) -> AbstractContextManager[str]:
     """Context for a fit: `config.flush_denormal` on CPU (thrifty.train.denormals); yields what is in effect."""
     return flushed_denormals(config.flush_denormal and device.type == "cpu")
 
