@@ -7,6 +7,7 @@ import torch
 
 from thrifty.cli.common import add_train_args, train_config
 from thrifty.data import load_data
+from thrifty.features import FeatureCache, extract_features
 from thrifty.train import TrainConfig, Trainer
 from thrifty.train.denormals import flushed_denormals, set_flush_denormal_all, thread_flushes_denormals
 from thrifty.tuners import get_tuned_model, make_config
@@ -80,6 +81,23 @@ def test_trainer_flushes_during_fit_only_and_records_it(tiny_vit_factory, two_th
         out = Trainer(model, task, cfg).fit()
         assert out["denormals"] == state and seen == [fraction, fraction]
         assert zero_fraction() == 0.0
+
+
+def test_extraction_flushes_like_training(tmp_path, tiny_vit_factory, two_threads, monkeypatch):
+    """Cached taps are computed under the same numerics as a run on the inputs (which flushes by default)."""
+    bb = tiny_vit_factory(0)
+    task = load_data("digits:1k", bb.preprocess, seed=0, test_size=50)
+    seen = []
+    original = FeatureCache.extract_split
+
+    def spy(self, *args, **kwargs):
+        seen.append(zero_fraction())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureCache, "extract_split", spy)
+    extract_features(str(tmp_path / "a"), bb, task, ["pooled"], splits=["test"])
+    extract_features(str(tmp_path / "b"), bb, task, ["pooled"], splits=["test"], flush_denormal=False)
+    assert seen == [1.0, 0.0] and zero_fraction() == 0.0
 
 
 def test_cli_flag():

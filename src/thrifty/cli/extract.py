@@ -26,6 +26,11 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="CPU: do not flush subnormal floats to zero (training flushes them unless it has --keep-denormals too)",
+    )
     return p
 
 
@@ -63,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         amp=not args.no_amp,
         progress=not args.no_progress,
+        flush_denormal=not args.keep_denormals,
     )
     print(f"feature cache {args.output}: {bb.name} on {task.name}, taps {cache.taps}, {cache.dtype}")
     print_table(

@@ -12,6 +12,7 @@ from thrifty.backbones import Backbone
 from thrifty.data.base import PROTOCOLS, TaskData
 from thrifty.errors import DataError
 from thrifty.features.cache import BatchSource, FeatureCache
+from thrifty.train.denormals import flushed_denormals
 
 
 def extract_features(
@@ -29,12 +30,15 @@ def extract_features(
     checksum: str = "crc32",
     progress: bool = False,
     batches: BatchSource | None = None,
+    flush_denormal: bool = True,
 ) -> tuple[FeatureCache, list[dict[str, Any]]]:
     """Run the frozen `backbone` over `splits` of `task` (default: all) and store `taps` in `root`.
 
     Resumable and self-repairing: chunks already recorded and intact are kept, missing or corrupt ones are
     (re-)extracted. Returns the cache and one {'split', 'samples', 'chunks', 'extracted'} record per split.
     `batches`: where the taps come from (default: `backbone`; see `FeatureCache.extract_split`).
+    `flush_denormal`: on CPU, run with subnormals flushed to zero (thrifty.train.denormals), as the training loop
+    does by default, so cached taps equal what a run on the inputs computes.
     """
     names = list(task.splits) if splits is None else list(splits)
     unknown = [s for s in names if s not in task.splits]
@@ -44,19 +48,20 @@ def extract_features(
     cache = FeatureCache.create_or_open(
         root, backbone, task, taps, dtype=dtype, chunk_size=chunk_size, checksum=checksum
     )
-    stats = [
-        cache.extract_split(
-            backbone,
-            s,
-            task.splits[s],
-            batch_size=batch_size,
-            device=device,
-            amp=amp,
-            progress=progress,
-            batches=batches,
-        )
-        for s in names
-    ]
+    with flushed_denormals(flush_denormal and torch.device(device).type == "cpu"):
+        stats = [
+            cache.extract_split(
+                backbone,
+                s,
+                task.splits[s],
+                batch_size=batch_size,
+                device=device,
+                amp=amp,
+                progress=progress,
+                batches=batches,
+            )
+            for s in names
+        ]
     return cache, stats
 
 

@@ -190,6 +190,7 @@ def use_feature_cache(
         amp=train.amp,
         progress=train.progress,
         float_dtype=float_dtype,
+        flush_denormal=train.flush_denormal,
         **source,
     )
     for model in models:
