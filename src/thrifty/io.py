@@ -75,7 +75,31 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     """Write a safetensors file atomically; tensors are made contiguous and de-aliased first."""
     clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     meta = {"format": "pt", **(metadata or {})}
-    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=meta))
+
+    def write(tmp: str) -> None:
+        save_file(clean, tmp, metadata=meta)
+        _sort_metadata(tmp)
+
+    atomic_write(path, write)
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrite a safetensors header in place with its `__metadata__` keys sorted, so the same tensors and metadata
+    give the same bytes (the library writes metadata from a hash map, in a different order on every call). Only
+    the order changes, so the header keeps its length; if it would not (another JSON spelling), it is left as is."""
+    with open(path, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        text = raw.rstrip(b" ").decode("utf-8")
+        header = json.loads(text)
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        new = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) == len(text.encode("utf-8")) and json.loads(new) == json.loads(text):
+            fh.seek(8)
+            fh.write(new)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
