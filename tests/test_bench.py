@@ -227,6 +227,26 @@ def test_report_files_show_failed_and_label_both_means(results_dir, tmp_path):
     assert "[benchmarks-more.md](benchmarks-more.md)" in docs.read_text()
 
 
+def test_methods_missing_a_group_get_per_group_plots(results_dir, tmp_path, monkeypatch):
+    from thrifty.bench import plots
+
+    drawn = {}
+    original = plots._plot
+
+    def spy(pts, path, *args):
+        drawn[os.path.basename(path)] = sorted(label for label, _, _ in pts)
+        return original(pts, path, *args)
+
+    monkeypatch.setattr(plots, "_plot", spy)
+    out = build_report(results_dir, report_dir=str(tmp_path / "report"))
+    # `bad` has no group-A mean, so no mean of group means: absent from the overall plots, present in group B's
+    assert drawn["accuracy_vs_saved_bytes.png"] == ["m", "m2"]
+    assert drawn["accuracy_vs_saved_bytes-B.png"] == ["bad", "m", "m2"]
+    assert drawn["accuracy_vs_saved_bytes-A.png"] == ["m", "m2"]
+    assert len(out["plots"]) == 9 and all(os.path.getsize(p) > 1000 for p in out["plots"])
+    assert "per-group plots" in Path(out["markdown"]).read_text()
+
+
 def test_pareto_front():
     pts = [(1.0, 50.0), (2.0, 60.0), (3.0, 55.0), (2.0, 40.0), (4.0, 60.0), (0.5, 10.0)]
     assert pareto_front(pts) == [5, 0, 1]

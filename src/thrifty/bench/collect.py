@@ -187,7 +187,8 @@ def _mean(values: list[float | None]) -> float | None:
 
 def aggregate(layout: Layout, cells: list[CellResult]) -> dict[str, dict[str, Any]]:
     """Per method row: {'tasks': {task: TaskCell}, 'groups': {group: Stat}, MEAN_OF_GROUPS: Stat,
-    MEAN_OF_TASKS: Stat, 'costs': {key: mean over tasks of the mean over complete seeds}}."""
+    MEAN_OF_TASKS: Stat, 'costs': {key: mean over tasks of the mean over complete seeds},
+    'group_costs': {group: the same over the group's tasks}}."""
     by: dict[tuple[str, str], list[CellResult]] = {}
     for c in cells:
         by.setdefault((c.label, c.task), []).append(c)
@@ -216,13 +217,24 @@ def aggregate(layout: Layout, cells: list[CellResult]) -> dict[str, dict[str, An
         }
         mog = summary(_mean([groups[g].mean for g in layout.groups]))
         mot = summary(_mean([task_means[t] for t in all_tasks]), all_tasks)
-        costs = {}
-        for key in COSTS:
-            per_task = [
-                sum(vals) / len(vals)
-                for t in all_tasks
-                if (vals := [v for c in by.get((label, t), []) if (v := c.cost(key)) is not None])
-            ]
-            costs[key] = sum(per_task) / len(per_task) if per_task else None
-        rows[label] = {"tasks": tcells, "groups": groups, MEAN_OF_GROUPS: mog, MEAN_OF_TASKS: mot, "costs": costs}
+        costs = {key: _mean_cost(by, label, all_tasks, key) for key in COSTS}
+        group_costs = {g: {key: _mean_cost(by, label, layout.group_tasks(g), key) for key in COSTS} for g in groups}
+        rows[label] = {
+            "tasks": tcells,
+            "groups": groups,
+            MEAN_OF_GROUPS: mog,
+            MEAN_OF_TASKS: mot,
+            "costs": costs,
+            "group_costs": group_costs,
+        }
     return rows
+
+
+def _mean_cost(by: dict[tuple[str, str], list[CellResult]], label: str, tasks: list[str], key: str) -> float | None:
+    """Mean over `tasks` (those with a complete run) of the mean cost over their complete seeds."""
+    per_task = [
+        sum(vals) / len(vals)
+        for t in tasks
+        if (vals := [v for c in by.get((label, t), []) if (v := c.cost(key)) is not None])
+    ]
+    return sum(per_task) / len(per_task) if per_task else None

@@ -8,7 +8,7 @@ import shutil
 from typing import Any
 
 from thrifty.bench.collect import CellResult, aggregate, collect
-from thrifty.bench.plots import plot_tradeoffs
+from thrifty.bench.plots import PLOTS, plot_tradeoffs
 from thrifty.bench.report import (
     caption,
     cells_csv,
@@ -97,6 +97,13 @@ def render(layout, rows, cells, prov, plots: list[str], md_dir: str, heading: st
         "accurate).",
         "",
     ]
+    if len(plots) > len(PLOTS):
+        parts += [
+            "Methods that finished only some groups have no mean of group means, so they are missing from the first "
+            "plots; the per-group plots (`...-<group>.png`) place every method by that group's mean and its costs "
+            "over that group's tasks.",
+            "",
+        ]
     parts += [f"![{os.path.splitext(os.path.basename(r))[0]}]({r})" for r in rel] + [""]
     parts += ["## Recipes", "", recipes_table(prov), "", "## Costs per task", "", cost_rows(cells), ""]
     parts += [

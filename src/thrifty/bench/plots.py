@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from thrifty.bench.collect import MEAN_OF_GROUPS
@@ -27,58 +28,87 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_tradeoffs(rows: dict[str, dict[str, Any]], out_dir: str, title: str) -> list[str]:
-    """One PNG per cost in PLOTS: x = mean cost over tasks, y = mean of group means (± std over seeds)."""
+    """One PNG per cost in PLOTS: x = mean cost over tasks, y = mean of group means (± std over seeds).
+
+    A method with a group mean but no overall mean (it finished one group only, e.g. the text tasks) cannot be
+    placed there; then each group also gets one PNG per cost, `<plot>-<group>.png`: y = that group's mean, x = the
+    cost over that group's tasks, so every method that finished a group appears on some plot."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for key, (fname, xlabel) in PLOTS.items():
+        pts = [
+            (label, r["costs"][key], r[MEAN_OF_GROUPS])
+            for label, r in rows.items()
+            if r["costs"].get(key) is not None and r[MEAN_OF_GROUPS].mean is not None
+        ]
+        path = os.path.join(out_dir, fname)
+        written.append(_plot(pts, path, xlabel + ", mean over tasks", f"top-1 % ({MEAN_OF_GROUPS})", title))
+    groups = list(dict.fromkeys(g for r in rows.values() for g in r["groups"]))
+    partial = [
+        label
+        for label, r in rows.items()
+        if r[MEAN_OF_GROUPS].mean is None and any(st.mean is not None for st in r["groups"].values())
+    ]
+    if not partial or len(groups) < 2:
+        return written
+    for group in groups:
+        for key, (fname, xlabel) in PLOTS.items():
+            pts = [
+                (label, r["group_costs"][group][key], r["groups"][group])
+                for label, r in rows.items()
+                if r["group_costs"][group].get(key) is not None and r["groups"][group].mean is not None
+            ]
+            if pts:
+                stem, ext = os.path.splitext(fname)
+                path = os.path.join(out_dir, f"{stem}-{re.sub(r'[^A-Za-z0-9_.]+', '_', group)}{ext}")
+                ylabel = f"top-1 % ({group} mean)"
+                written.append(_plot(pts, path, f"{xlabel}, mean over {group} tasks", ylabel, f"{title}: {group}"))
+    return written
+
+
+def _plot(pts: list[tuple[str, float, Any]], path: str, xlabel: str, ylabel: str, title: str) -> str:
+    """Points (label, cost, Stat of accuracy) on a log cost axis with the Pareto front marked; returns `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for key, (fname, xlabel) in PLOTS.items():
-        pts = [
-            (label, r["costs"][key], r[MEAN_OF_GROUPS].mean, r[MEAN_OF_GROUPS].std)
-            for label, r in rows.items()
-            if r["costs"].get(key) is not None and r[MEAN_OF_GROUPS].mean is not None
-        ]
-        fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-        if pts:
-            xs = [p[1] for p in pts]
-            positive = [x for x in xs if x > 0]
-            if positive and len(positive) == len(xs):
-                ax.set_xscale("log")
-            elif positive:  # zero cost (e.g. nothing saved for backward): symlog keeps it on the axis
-                ax.set_xscale("symlog", linthresh=min(positive))
-            front = pareto_front([(p[1], p[2]) for p in pts])
-            for i, (label, x, y, sd) in enumerate(pts):
-                on = i in front
-                ax.errorbar(
-                    x,
-                    y,
-                    yerr=sd or None,
-                    fmt="o",
-                    ms=8 if on else 6,
-                    color="C3" if on else "C0",
-                    mec="black" if on else "none",
-                    capsize=3,
-                )
-                ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=8)
-            fx, fy = [pts[i][1] for i in front], [pts[i][2] for i in front]
-            ax.step(fx, fy, where="post", color="C3", lw=1.2, alpha=0.8, label="Pareto front")
-            ax.legend(loc="lower right", fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no complete results", ha="center", va="center", transform=ax.transAxes)
-        if pts and max(xs) > 10 * max(min(xs), 1e-12):
-            ax.xaxis.set_minor_formatter(NullFormatter())  # over a decade, log-axis minor labels overlap
-        ax.margins(x=0.12, y=0.12)
-        ax.set_xlabel(xlabel + ", mean over tasks")
-        ax.set_ylabel(f"top-1 % ({MEAN_OF_GROUPS})")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-        fig.tight_layout()
-        path = os.path.join(out_dir, fname)
-        fig.savefig(path)
-        plt.close(fig)
-        written.append(path)
-    return written
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    if pts:
+        xs = [p[1] for p in pts]
+        positive = [x for x in xs if x > 0]
+        if positive and len(positive) == len(xs):
+            ax.set_xscale("log")
+        elif positive:  # zero cost (e.g. nothing saved for backward): symlog keeps it on the axis
+            ax.set_xscale("symlog", linthresh=min(positive))
+        front = pareto_front([(p[1], p[2].mean) for p in pts])
+        for i, (label, x, stat) in enumerate(pts):
+            on = i in front
+            ax.errorbar(
+                x,
+                stat.mean,
+                yerr=stat.std or None,
+                fmt="o",
+                ms=8 if on else 6,
+                color="C3" if on else "C0",
+                mec="black" if on else "none",
+                capsize=3,
+            )
+            ax.annotate(label, (x, stat.mean), textcoords="offset points", xytext=(6, 5), fontsize=8)
+        fx, fy = [pts[i][1] for i in front], [pts[i][2].mean for i in front]
+        ax.step(fx, fy, where="post", color="C3", lw=1.2, alpha=0.8, label="Pareto front")
+        ax.legend(loc="lower right", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no complete results", ha="center", va="center", transform=ax.transAxes)
+    if pts and max(xs) > 10 * max(min(xs), 1e-12):
+        ax.xaxis.set_minor_formatter(NullFormatter())  # over a decade, log-axis minor labels overlap
+    ax.margins(x=0.12, y=0.12)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
