@@ -153,3 +153,24 @@ def test_server_stops_by_itself(tmp_path, capsys):
     run_server(engine, "t" * 32, host="127.0.0.1", port=0, lifetime=1.0)  # returns once its lifetime is over
     assert time.monotonic() - t0 < 30
     assert "listening on http://127.0.0.1:" in capsys.readouterr().out
+
+
+def test_engine_flushes_subnormals_during_a_batch_only(monkeypatch):
+    """The server computes under the numerics of training and extraction (thrifty.train.denormals)."""
+    from thrifty.serve import engine as engine_module
+    from thrifty.train.denormals import thread_flushes_denormals
+
+    seen = []
+    original = engine_module.extract_taps
+
+    def spy(*args, **kwargs):
+        seen.append(thread_flushes_denormals())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "extract_taps", spy)
+    bb = load_backbone("timm:test_vit", pretrained=False, image_size=32)
+    for flush in (True, False):
+        eng = GatherEngine(bb, k=-1, dtype="float32", flush_denormal=flush)
+        eng.run([Job(torch.randn(2, 3, 32, 32), 2, "float32")])
+    supported = torch.set_flush_denormal(False)  # False on CPUs without FTZ/DAZ: then nothing is flushed
+    assert seen == [supported, False] and not thread_flushes_denormals()

@@ -28,6 +28,11 @@ def register(sub) -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="default feature dtype")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="CPU: do not flush subnormal floats to zero (training and extraction flush them by default)",
+    )
     g = p.add_argument_group("service")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (loopback by default)")
     g.add_argument("--port", type=int, default=8765, help="port (0: any free port; the chosen one is printed)")
@@ -62,7 +67,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     bb = load_backbone(args.backbone, **backbone_kwargs(args))
     engine = GatherEngine(
-        bb, k=args.k, first=args.first, gather=args.gather, dtype=args.dtype, device=resolve_device(args.device)
+        bb,
+        k=args.k,
+        first=args.first,
+        gather=args.gather,
+        dtype=args.dtype,
+        device=resolve_device(args.device),
+        flush_denormal=not args.keep_denormals,
     )
     limits = Limits(
         max_batch=args.max_batch,

@@ -20,6 +20,7 @@ from thrifty.backbones.preprocess import ImagePreprocess
 from thrifty.errors import ConfigError
 from thrifty.features.taps import canonical_taps, extract_taps, gather_tap
 from thrifty.serve.protocol import API_VERSION, DTYPES, encode_features
+from thrifty.train.denormals import flushed_denormals
 from thrifty.tuners.miet.model import resolve_k
 
 
@@ -75,6 +76,7 @@ class GatherEngine:
         gather: str = "sum",
         dtype: str = "float16",
         device: str | torch.device = "cpu",
+        flush_denormal: bool = True,
     ):
         if gather != "sum":
             raise ConfigError(f"gather {gather!r} is not supported; use `sum` (MIET's Gather*)")
@@ -84,6 +86,7 @@ class GatherEngine:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.backbone = backbone.to(device).eval()
         self.device = torch.device(device)
+        self.flush_denormal = flush_denormal and self.device.type == "cpu"  # as training and extraction do
         self.k, self.first, self.gather, self.dtype = resolve_k(k, first, len(backbone.blocks)), first, gather, dtype
         self.tap = canonical_taps([gather_tap(self.k, first)], len(backbone.blocks))[0]
         self.tokens = int(self.backbone.random_inputs(1)["input_ids"].shape[1]) if self.is_text else self._tokens()
@@ -198,7 +201,8 @@ class GatherEngine:
             x: Any = {k: torch.cat([j.inputs[k] for j in jobs]).to(self.device) for k in jobs[0].inputs}
         else:
             x = torch.cat([j.inputs for j in jobs]).to(self.device)
-        feats = extract_taps(self.backbone, x, [self.tap])[self.tap].float().cpu()
+        with flushed_denormals(self.flush_denormal):  # this worker thread and its OpenMP pool, for this batch
+            feats = extract_taps(self.backbone, x, [self.tap])[self.tap].float().cpu()
         out: list[bytes | RequestError] = []
         for job, part in zip(jobs, feats.split([j.n for j in jobs])):
             if job.lengths is not None:
