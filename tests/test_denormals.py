@@ -54,6 +54,8 @@ def test_flush_reaches_every_pool_thread_and_is_restored(two_threads):
     assert zero_fraction() == 0.0 and not thread_flushes_denormals()
     with flushed_denormals(False) as state:
         assert state == "kept" and zero_fraction() == 0.0
+    with flushed_denormals(True, "meta") as state:  # only CPU threads are touched
+        assert state == "kept" and zero_fraction() == 0.0
 
 
 def test_an_outer_flush_is_left_in_place(two_threads):

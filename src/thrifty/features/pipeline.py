@@ -48,7 +48,7 @@ def extract_features(
     cache = FeatureCache.create_or_open(
         root, backbone, task, taps, dtype=dtype, chunk_size=chunk_size, checksum=checksum
     )
-    with flushed_denormals(flush_denormal and torch.device(device).type == "cpu"):
+    with flushed_denormals(flush_denormal, device):
         stats = [
             cache.extract_split(
                 backbone,

@@ -86,7 +86,7 @@ class GatherEngine:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.backbone = backbone.to(device).eval()
         self.device = torch.device(device)
-        self.flush_denormal = flush_denormal and self.device.type == "cpu"  # as training and extraction do
+        self.flush_denormal = flush_denormal  # on CPU, as training and extraction do
         self.k, self.first, self.gather, self.dtype = resolve_k(k, first, len(backbone.blocks)), first, gather, dtype
         self.tap = canonical_taps([gather_tap(self.k, first)], len(backbone.blocks))[0]
         self.tokens = int(self.backbone.random_inputs(1)["input_ids"].shape[1]) if self.is_text else self._tokens()
@@ -201,7 +201,7 @@ class GatherEngine:
             x: Any = {k: torch.cat([j.inputs[k] for j in jobs]).to(self.device) for k in jobs[0].inputs}
         else:
             x = torch.cat([j.inputs for j in jobs]).to(self.device)
-        with flushed_denormals(self.flush_denormal):  # this worker thread and its OpenMP pool, for this batch
+        with flushed_denormals(self.flush_denormal, self.device):  # this worker thread and its OpenMP pool
             feats = extract_taps(self.backbone, x, [self.tap])[self.tap].float().cpu()
         out: list[bytes | RequestError] = []
         for job, part in zip(jobs, feats.split([j.n for j in jobs])):

@@ -15,6 +15,7 @@ Only values below 1.2e-38 change (read and written as 0). On CUDA, and on CPUs w
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import threading
@@ -36,8 +37,10 @@ def thread_flushes_denormals() -> bool:
 _OPENMP_LIBS = ("libgomp.so.1", "libiomp5.so", "libomp.so")  # GNU (pip wheels), Intel, LLVM (both export GOMP_*)
 
 
+@functools.cache
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch already loaded in this process (RTLD_NOLOAD: never a second copy), else None."""
+    """The OpenMP runtime torch loaded in this process (RTLD_NOLOAD: never a second copy), else None; looked up
+    once (torch loads it at import), with `GOMP_parallel`'s signature declared."""
     if platform.system() != "Linux":
         return None
     for name in _OPENMP_LIBS:
@@ -46,6 +49,8 @@ def _openmp_runtime() -> ctypes.CDLL | None:
         except OSError:
             continue
         if hasattr(lib, "GOMP_parallel"):
+            lib.GOMP_parallel.argtypes = [_REGION, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+            lib.GOMP_parallel.restype = None
             return lib
     return None
 
@@ -67,19 +72,16 @@ def set_flush_denormal_all(on: bool) -> int:
             with lock:
                 done.add(threading.get_native_id())
 
-    callback = _REGION(region)
-    gomp.GOMP_parallel.argtypes = [_REGION, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-    gomp.GOMP_parallel.restype = None
-    gomp.GOMP_parallel(callback, None, max(1, torch.get_num_threads()), 0)
+    gomp.GOMP_parallel(_REGION(region), None, max(1, torch.get_num_threads()), 0)
     return len(done)
 
 
 @contextmanager
-def flushed_denormals(enabled: bool = True) -> Iterator[str]:
-    """Flush subnormals to zero on all of torch's CPU threads inside the block (if `enabled`); yields what is in
-    effect: 'flushed (N of T threads)' (T = torch.get_num_threads()), 'kept' or 'unsupported'. The previous
-    setting is restored on exit."""
-    if not enabled:
+def flushed_denormals(enabled: bool = True, device: str | torch.device = "cpu") -> Iterator[str]:
+    """Flush subnormals to zero on all of torch's CPU threads inside the block (if `enabled` and `device` is the
+    CPU); yields what is in effect: 'flushed (N of T threads)' (T = torch.get_num_threads()), 'kept' (disabled,
+    or another device) or 'unsupported'. The previous setting is restored on exit."""
+    if not enabled or torch.device(device).type != "cpu":
         yield "kept"
         return
     before = thread_flushes_denormals()

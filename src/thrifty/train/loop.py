@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -64,11 +64,6 @@ class TrainConfig:
 def apply_malloc(config: TrainConfig, device: torch.device) -> str:
     """`config.malloc` applied on CPU (thrifty.train.allocator); returns what is in effect ('system' on CUDA)."""
     return tune_malloc(config.malloc) if device.type == "cpu" else "system"
-
-
-def cpu_numerics(config: TrainConfig, device: torch.device) -> AbstractContextManager[str]:
-    """Context for a fit: `config.flush_denormal` on CPU (thrifty.train.denormals); yields what is in effect."""
-    return flushed_denormals(config.flush_denormal and device.type == "cpu")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,7 +150,7 @@ class Trainer:
         self.model, self.task, self.cfg, self.output_dir = model, task, config, output_dir
         self.device = resolve_device(config.device)
         self.malloc = apply_malloc(config, self.device)
-        self.denormals: str | None = None  # set by fit (cpu_numerics)
+        self.denormals: str | None = None  # set by fit (thrifty.train.denormals)
         self.dist: DistInfo = init_distributed(self.device)
         torch.manual_seed(config.seed)
         self.model.to(self.device)
@@ -241,7 +236,7 @@ class Trainer:
 
     # --- training --------------------------------------------------------------------------------------------
     def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-        with cpu_numerics(self.cfg, self.device) as self.denormals:
+        with flushed_denormals(self.cfg.flush_denormal, self.device) as self.denormals:
             return self._fit(resume, overwrite)
 
     def _fit(self, resume: bool, overwrite: bool) -> dict[str, Any]:

@@ -31,11 +31,11 @@ from thrifty.data.base import batch_loader
 from thrifty.errors import ConfigError, ResultsExistError
 from thrifty.features.taps import extract_taps
 from thrifty.io import write_json, write_text
+from thrifty.train.denormals import flushed_denormals
 from thrifty.train.loop import (
     TrainConfig,
     _autocast,
     apply_malloc,
-    cpu_numerics,
     evaluate_many,
     optimizer_step,
     resolve_device,
@@ -108,7 +108,7 @@ class SweepTrainer:
         self.members, self.task, self.cfg, self.reads_taps = members, task, config, reads_taps
         self.device = resolve_device(config.device)
         self.malloc = apply_malloc(config, self.device)
-        self.denormals: str | None = None  # set by fit (cpu_numerics)
+        self.denormals: str | None = None  # set by fit (thrifty.train.denormals)
         self.backbone = members[0].model.backbone
         self.taps = sorted({t for m in members for t in m.model.tap_names()})
         self.train_set = task.split("tune_train" if config.select_on_val else "train")
@@ -155,7 +155,7 @@ class SweepTrainer:
         return value
 
     def fit(self) -> dict[str, dict[str, Any]]:
-        with cpu_numerics(self.cfg, self.device) as self.denormals:
+        with flushed_denormals(self.cfg.flush_denormal, self.device) as self.denormals:
             return self._fit()
 
     def _fit(self) -> dict[str, dict[str, Any]]:
