@@ -89,15 +89,14 @@ def _sort_metadata(path: str) -> None:
     the order changes, so the header keeps its length; if it would not (another JSON spelling), it is left as is."""
     with open(path, "r+b") as fh:
         size = int.from_bytes(fh.read(8), "little")
-        raw = fh.read(size)
-        text = raw.rstrip(b" ").decode("utf-8")
-        header = json.loads(text)
+        raw = fh.read(size).rstrip(b" ")
+        header = json.loads(raw)
         if "__metadata__" not in header:
             return
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        ordered = {"__metadata__": header.pop("__metadata__"), **header}
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        ordered = {"__metadata__": dict(sorted(header["__metadata__"].items())), **tensors}
         new = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        if len(new) == len(text.encode("utf-8")) and json.loads(new) == json.loads(text):
+        if len(new) == len(raw) and json.loads(new) == header:
             fh.seek(8)
             fh.write(new)
 

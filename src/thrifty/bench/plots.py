@@ -44,11 +44,10 @@ def plot_tradeoffs(rows: dict[str, dict[str, Any]], out_dir: str, title: str) ->
         path = os.path.join(out_dir, fname)
         written.append(_plot(pts, path, xlabel + ", mean over tasks", f"top-1 % ({MEAN_OF_GROUPS})", title))
     groups = list(dict.fromkeys(g for r in rows.values() for g in r["groups"]))
-    partial = [
-        label
-        for label, r in rows.items()
-        if r[MEAN_OF_GROUPS].mean is None and any(st.mean is not None for st in r["groups"].values())
-    ]
+    partial = any(
+        r[MEAN_OF_GROUPS].mean is None and any(st.mean is not None for st in r["groups"].values())
+        for r in rows.values()
+    )
     if not partial or len(groups) < 2:
         return written
     for group in groups:
