@@ -41,7 +41,7 @@ def step_costs(flags: dict, method: str, sets: dict, steps: int = 3) -> dict:
     """CPU seconds of one training step and one eval batch, measured in this process on one thread."""
     from thrifty.backbones import load_backbone
     from thrifty.data import load_data
-    from thrifty.train.loop import to_device
+    from thrifty.runtime import to_device
     from thrifty.train.optim import build_optimizer
     from thrifty.tuners import get_tuned_model, make_config
 

@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 
+from thrifty.backbones import BackboneSpec
 from thrifty.cli.common import print_table
 from thrifty.io import write_json
 from thrifty.metrics import environment
+from thrifty.runtime import resolve_device
 from thrifty.train import RESULTS_NAME, TrainConfig, run_training
-from thrifty.train.loop import resolve_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +72,7 @@ def one_run(args, method: str, bits: int, scale: float, seed: int, search: bool)
             return json.load(fh)
     t0 = time.perf_counter()
     res = run_training(
-        backbone=args.backbone,
+        backbone=BackboneSpec(args.backbone, max_length=args.max_length),
         data=args.data,
         method=method,
         overrides={"bits": bits, "dim": args.dim, "scale": scale, "bi_head": args.bi_head},
@@ -87,7 +88,6 @@ def one_run(args, method: str, bits: int, scale: float, seed: int, search: bool)
             progress=False,
         ),
         output_dir=out,
-        max_length=args.max_length,
         test_size=args.test_size,
         split_seed=args.split_seed,
         overwrite=True,

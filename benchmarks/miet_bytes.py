@@ -16,10 +16,10 @@ import sys
 import torch
 
 from thrifty.backbones import load_backbone
+from thrifty.backbones.remote.protocol import DTYPES, encode_features
 from thrifty.cli.common import print_table
 from thrifty.io import write_json
 from thrifty.serve.engine import GatherEngine
-from thrifty.serve.protocol import DTYPES, encode_features
 
 
 def rows_for(spec: str, image_size: int | None, max_length: int | None) -> list[dict]:

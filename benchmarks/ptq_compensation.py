@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from thrifty.backbones import load_backbone
+from thrifty.backbones import BackboneSpec, load_backbone
 from thrifty.cli.common import print_table
 from thrifty.compress import PTQConfig, QwTConfig, QwTV2Config, quantize_, run_calibration
 from thrifty.compress.quant.config import parse_bits
@@ -45,8 +45,7 @@ from thrifty.compress.quant.serialize import size_report
 from thrifty.data import load_data
 from thrifty.io import write_json
 from thrifty.metrics import environment
-from thrifty.train import TrainConfig, run_training
-from thrifty.train.loop import Trainer, evaluate
+from thrifty.train import TrainConfig, Trainer, evaluate, run_training
 from thrifty.tuners import get_tuned_model, load_tuned_model, make_config
 
 
@@ -58,12 +57,12 @@ def finetune(name: str, args: argparse.Namespace, work: str) -> tuple[Any, Any, 
     """Returns (model, task, info) for 'text' (minilm / reviews:1k) or 'image' (efficientnet-lite0 / fashion-mnist)."""
     train = TrainConfig(epochs=args.epochs, batch_size=32, seed=0, progress=False)
     if name == "text":
-        kw = {"max_length": args.max_length}
         train.lr = 1e-4 if args.text_ft == "full" else 1e-3
         overrides = {"r": 8, "lora_alpha": 16} if args.text_ft == "lora" else {}
+        kw = {"max_length": args.max_length}
         out = os.path.join(work, "minilm")
         res = run_training(
-            backbone="minilm",
+            backbone=BackboneSpec("minilm", **kw),
             data="reviews:1k",
             method=args.text_ft,
             overrides=overrides,
@@ -72,7 +71,6 @@ def finetune(name: str, args: argparse.Namespace, work: str) -> tuple[Any, Any, 
             test_size=args.text_test,
             peak_memory=False,
             overwrite=True,
-            **kw,
         )
         bb = load_backbone("minilm", **kw)
         task = load_data("reviews:1k", bb.preprocess, seed=0, test_size=args.text_test)

@@ -26,15 +26,15 @@ import time
 
 import torch
 
-from thrifty.backbones import load_backbone
+from thrifty.backbones import BackboneSpec, load_backbone
 from thrifty.data import PROTOCOLS, load_data
 from thrifty.features import extract_features, roles_for
 from thrifty.io import write_json
 from thrifty.metrics import environment
+from thrifty.runtime import resolve_device
+from thrifty.runtime.allocator import MALLOC_MODES, tune_malloc
 from thrifty.train import TrainConfig, run_training
-from thrifty.train.allocator import MALLOC_MODES, tune_malloc
-from thrifty.train.loop import resolve_device
-from thrifty.train.sweep import parse_sweep, run_sweep
+from thrifty.train.members import parse_sweep
 from thrifty.tuners import get_tuned_model, make_config
 
 
@@ -69,11 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     malloc = tune_malloc(args.malloc)  # before extraction too, so every part runs under the same allocator
     sweep = parse_sweep(args.sweep or ["lr=1e-3,3e-3,1e-2,3e-2", "r=8,16"])
     common = dict(
-        backbone=args.backbone,
+        backbone=BackboneSpec(args.backbone, args.checkpoint, args.checkpoint is None, args.image_size),
         data=args.data,
-        checkpoint=args.checkpoint,
-        pretrained=False if args.checkpoint is None else None,
-        image_size=args.image_size,
         test_size=args.test_size,
     )
     train = TrainConfig(
@@ -137,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         t0 = time.perf_counter()
         sweep_dir = os.path.join(args.output, "sweep")
-        summary = run_sweep(
+        summary = run_training(
             method="last", sweep=sweep, train=image_train, output_dir=sweep_dir, overwrite=True, **common
         )
         first = summary["members"][0]["dir"]

@@ -23,7 +23,7 @@ from thrifty.backbones import load_backbone
 from thrifty.cli.common import parse_sets
 from thrifty.io import write_json
 from thrifty.metrics import environment, training_step
-from thrifty.train.loop import resolve_device, to_device
+from thrifty.runtime import resolve_device, to_device
 from thrifty.train.optim import build_optimizer
 from thrifty.tuners import get_tuned_model, make_config
 

@@ -1,4 +1,4 @@
-"""thrifty.train.allocator: the CPU malloc setting that keeps freed large blocks for reuse."""
+"""thrifty.runtime.allocator: the CPU malloc setting that keeps freed large blocks for reuse."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from thrifty.errors import ConfigError
+from thrifty.runtime.allocator import preloaded_allocator, tune_malloc
 from thrifty.train import TrainConfig
-from thrifty.train.allocator import preloaded_allocator, tune_malloc
 
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
@@ -19,7 +19,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # (glibc's largest adaptive mmap threshold) are always mmapped and unmapped by the system allocator.
 FAULTS = """
 import resource, sys, torch
-from thrifty.train.allocator import tune_malloc
+from thrifty.runtime.allocator import tune_malloc
 print(tune_malloc(sys.argv[1]), file=sys.stderr)
 def step():
     return [torch.ones(10 << 20) for _ in range(4)]

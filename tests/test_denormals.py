@@ -1,4 +1,4 @@
-"""thrifty.train.denormals: subnormal floats flushed to zero on every CPU thread torch uses, during a fit only."""
+"""thrifty.runtime.denormals: subnormal floats flushed to zero on every CPU thread torch uses, during a fit only."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from thrifty.cli.common import add_train_args, train_config
 from thrifty.data import load_data
 from thrifty.features import FeatureCache, extract_features
+from thrifty.runtime.denormals import flushed_denormals, set_flush_denormal_all, thread_flushes_denormals
 from thrifty.train import TrainConfig, Trainer
-from thrifty.train.denormals import flushed_denormals, set_flush_denormal_all, thread_flushes_denormals
 from thrifty.tuners import get_tuned_model, make_config
 
 

@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from thrifty.backbones import load_backbone
+from thrifty.backbones import BackboneSpec, load_backbone
 from thrifty.cli.main import main
 from thrifty.data import load_data
 from thrifty.data.base import batch_loader
+from thrifty.data.sampler import GlobalBatchSampler
 from thrifty.errors import ConfigError, DataError
 from thrifty.features import (
     CacheMismatchError,
@@ -26,7 +27,6 @@ from thrifty.features import (
 from thrifty.features import cache as cache_module
 from thrifty.io import load_tensors
 from thrifty.train import TrainConfig, run_training
-from thrifty.train.sampler import GlobalBatchSampler
 from thrifty.tuners import get_tuned_model, make_config
 
 
@@ -195,7 +195,7 @@ def test_interrupted_extraction_resumes(tmp_path, bb, task, monkeypatch):
 
 @pytest.mark.parametrize("method", ["linear", "last"])
 def test_training_on_cache_equals_training_on_images(tmp_path, method):
-    kw = dict(backbone="timm:test_vit", data="digits:1k", method=method, pretrained=False, image_size=32)
+    kw = dict(backbone=BackboneSpec("timm:test_vit", random_init=True, image_size=32), data="digits:1k", method=method)
     kw.update(test_size=100, peak_memory=False, overrides={"r": "4"} if method == "last" else {})
     runs = {}
     for name, cache in (("images", None), ("cache", str(tmp_path / "cache"))):
@@ -214,11 +214,9 @@ def test_training_on_cache_equals_training_on_images(tmp_path, method):
 def test_methods_inside_the_backbone_refuse_a_cache(tmp_path):
     with pytest.raises(ConfigError, match="cannot train from a feature cache"):
         run_training(
-            backbone="timm:test_vit",
+            backbone=BackboneSpec("timm:test_vit", random_init=True, image_size=32),
             data="digits:1k",
             method="dtl",
-            pretrained=False,
-            image_size=32,
             cache=str(tmp_path),
             train=TrainConfig(epochs=1, progress=False),
         )

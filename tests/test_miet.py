@@ -6,7 +6,7 @@ import operator
 import pytest
 import torch
 
-from thrifty.backbones import load_backbone
+from thrifty.backbones import BackboneSpec, load_backbone
 from thrifty.errors import ConfigError
 from thrifty.features import canonical_taps, extract_taps
 from thrifty.features.taps import gather_range, gather_tap
@@ -130,7 +130,7 @@ def test_text_backbone_uses_the_mask():
 
 
 def test_training_local_equals_cached_and_round_trips(tmp_path):
-    kw = dict(backbone="timm:test_vit", data="digits:1k", method="miet", pretrained=False, image_size=32)
+    kw = dict(backbone=BackboneSpec("timm:test_vit", random_init=True, image_size=32), data="digits:1k", method="miet")
     kw.update(test_size=100, peak_memory=False, overrides={"r": "4", "k": "4"})
     runs = {}
     for name, cache in (("images", None), ("cache", str(tmp_path / "cache"))):

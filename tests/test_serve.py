@@ -14,14 +14,14 @@ from PIL import Image
 from serve_util import server_args, write_checkpoint, write_token
 from thrifty.backbones import load_backbone
 from thrifty.backbones.base import file_sha256
+from thrifty.backbones.remote.protocol import GATHER, RemoteError, decode_features
 from thrifty.cli.main import main
 from thrifty.data import load_data
 from thrifty.errors import ConfigError
 from thrifty.features import CacheMismatchError, extract_features, extract_taps
-from thrifty.serve.client import RemoteFeatures, encoded_image
+from thrifty.features.remote import RemoteFeatures, encoded_image
 from thrifty.serve.loadtest import png_images, run_load
 from thrifty.serve.process import ServerProcess
-from thrifty.serve.protocol import GATHER, RemoteError, decode_features
 from thrifty.train import TrainConfig, run_training
 
 

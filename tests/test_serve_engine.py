@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from thrifty.backbones import load_backbone
+from thrifty.backbones.remote import RemoteBackbone
+from thrifty.backbones.remote.protocol import decode_features
 from thrifty.data.base import TextDataset
 from thrifty.errors import ConfigError
 from thrifty.features import extract_taps
-from thrifty.serve.client import RemoteBackbone, RemoteFeatures
+from thrifty.features.remote import RemoteFeatures
 from thrifty.serve.engine import Batcher, Busy, GatherEngine, Job, Limits, RequestError
-from thrifty.serve.protocol import decode_features
 
 
 torch.set_num_threads(1)
@@ -115,7 +116,7 @@ class DirectClient:
 def test_edge_text_batches_equal_the_local_gather(text_engine):
     eng = text_engine
     info = {**eng.info(), "limits": Limits(max_batch=3).describe()}
-    link = RemoteFeatures(DirectClient(eng), info, RemoteBackbone(info, eng.backbone.preprocess, "direct"), 8)
+    link = RemoteFeatures(RemoteBackbone(info, eng.backbone.preprocess, "direct", DirectClient(eng)), 8)
     texts = ["ok", "a much longer text that fills more of the sequence", "short one", "two words", "x"]
     ds = TextDataset(texts, [0, 1, 2, 0, 1], eng.backbone.preprocess)
     rows = list(link.batches(ds, 0, 5))
@@ -156,9 +157,9 @@ def test_server_stops_by_itself(tmp_path, capsys):
 
 
 def test_engine_flushes_subnormals_during_a_batch_only(monkeypatch):
-    """The server computes under the numerics of training and extraction (thrifty.train.denormals)."""
+    """The server computes under the numerics of training and extraction (thrifty.runtime.denormals)."""
+    from thrifty.runtime.denormals import thread_flushes_denormals
     from thrifty.serve import engine as engine_module
-    from thrifty.train.denormals import thread_flushes_denormals
 
     seen = []
     original = engine_module.extract_taps

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from serve_util import server_args, write_checkpoint, write_token
+from thrifty.backbones.remote import FeatureClient
 from thrifty.io import load_tensors
-from thrifty.serve.client import FeatureClient
 from thrifty.serve.process import ServerProcess
 from thrifty.train import TrainConfig, run_training
 

@@ -7,15 +7,16 @@ from dataclasses import replace
 import pytest
 import torch
 
+from thrifty.backbones import BackboneSpec
 from thrifty.cli.main import main
 from thrifty.errors import ConfigError
 from thrifty.io import load_tensors
 from thrifty.train import TrainConfig, run_training
-from thrifty.train.sweep import grid, member_dir, parse_sweep, run_sweep
+from thrifty.train.members import grid, member_dir, parse_sweep
 
 
 torch.set_num_threads(1)
-DATA = dict(backbone="timm:test_vit", data="digits:1k", pretrained=False, image_size=32, test_size=50)
+DATA = dict(backbone=BackboneSpec("timm:test_vit", random_init=True, image_size=32), data="digits:1k", test_size=50)
 TRAIN = TrainConfig(epochs=2, batch_size=100, progress=False, select_on_val=True)
 
 
@@ -31,7 +32,7 @@ def test_parse_and_grid():
 
 def test_sweep_equals_separate_runs(tmp_path):
     torch.manual_seed(0)  # the random-init backbone
-    summary = run_sweep(
+    summary = run_training(
         method="last",
         sweep={"lr": ["1e-3", "3e-1"], "r": ["4", "8"]},
         overrides={"taps": "2,5"},
@@ -70,16 +71,16 @@ def test_sweep_on_cache_equals_sweep_on_images(tmp_path):
     for name, cache in (("images", None), ("cache", str(tmp_path / "cache"))):
         torch.manual_seed(0)
         train = replace(TRAIN, select_on_val=False)
-        out[name] = run_sweep(method="linear", sweep={"lr": ["1e-3", "1e-1"]}, train=train, cache=cache, **DATA)
+        out[name] = run_training(method="linear", sweep={"lr": ["1e-3", "1e-1"]}, train=train, cache=cache, **DATA)
     assert out["images"]["members"] == out["cache"]["members"]
     assert out["images"]["selected"] is None  # no val split in use: nothing is selected (never on test)
 
 
 def test_only_side_methods_sweep():
     with pytest.raises(ConfigError, match="share a backbone pass"):
-        run_sweep(method="dtl", sweep={"lr": ["1e-3", "1e-2"]}, train=TRAIN, **DATA)
+        run_training(method="dtl", sweep={"lr": ["1e-3", "1e-2"]}, train=TRAIN, **DATA)
     with pytest.raises(ConfigError, match="not a training option"):
-        run_sweep(method="last", sweep={"rank_of_nothing": ["1"]}, train=TRAIN, **DATA)
+        run_training(method="last", sweep={"rank_of_nothing": ["1"]}, train=TRAIN, **DATA)
 
 
 def test_cli_sweep(tmp_path, capsys):
@@ -108,7 +109,7 @@ def test_best_state_is_a_copy():
     bb = load_backbone("timm:test_vit", pretrained=False, image_size=32)
     task = load_data("digits:1k", bb.preprocess, test_size=50)
     trainer = Trainer(get_tuned_model(bb, make_config("linear"), task.num_classes), task, TRAIN)
-    kept = trainer._trainable_state()
+    kept = trainer.members[0].state_copy()
     with torch.no_grad():
         trainer.model.head.weight.add_(1.0)
     assert not torch.equal(kept["head.weight"], trainer.model.head.weight)

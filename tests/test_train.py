@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 
 from conftest import TINY_TRAIN
 from thrifty.data import load_data
+from thrifty.data.sampler import GlobalBatchSampler
 from thrifty.errors import NonFiniteLossError, ResultsExistError
 from thrifty.io import read_json
 from thrifty.train import TrainConfig, Trainer
 from thrifty.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from thrifty.train.optim import cosine_lr, param_groups
-from thrifty.train.sampler import GlobalBatchSampler
 from thrifty.tuners import get_tuned_model, make_config
 
 

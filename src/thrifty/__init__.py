@@ -1,7 +1,5 @@
 """thrifty: adapt and compress large pretrained models on small budgets."""
 
-__version__ = "0.1.0"
-
 from thrifty.backbones import Backbone, load_backbone
 from thrifty.data import TaskData, load_data
 from thrifty.tuners import (
@@ -12,6 +10,7 @@ from thrifty.tuners import (
     make_config,
     register_method,
 )
+from thrifty.version import __version__
 
 
 __all__ = [

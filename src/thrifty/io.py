@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from thrifty.errors import CheckpointError
+from thrifty.errors import CheckpointError, ConfigError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -110,3 +110,23 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from exc
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON file holding a mapping: `-c/--config` files, benchmark suites."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as fh:
+        text = fh.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); YAML files must end in .yaml/.yml") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of option names to values")
+    return data

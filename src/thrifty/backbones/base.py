@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from thrifty.backbones.preprocess import ImagePreprocess, TextPreprocess
+from thrifty.backbones.spec import BackboneSpec
 
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]
@@ -60,6 +61,7 @@ class Backbone(nn.Module):
     """Base class; subclasses implement the upstream-specific pieces."""
 
     kind: str = "?"  # "vit" | "text" | "cnn"
+    spec: BackboneSpec | None = None  # how it was built (set by load_backbone)
 
     def __init__(self, name: str, model: nn.Module, preprocess: ImagePreprocess | TextPreprocess, source: str):
         super().__init__()

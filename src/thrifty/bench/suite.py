@@ -24,13 +24,13 @@ The harness owns `method`, `seed`, `output`, `resume`, `overwrite` and `config`;
 
 from __future__ import annotations
 
-import argparse
-import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from thrifty.errors import ConfigError
+from thrifty.io import load_config_file
+from thrifty.train.options import Option, options_to_argv, train_options
 
 
 RESERVED = frozenset({"method", "seed", "output", "resume", "overwrite", "config", "set", "command"})
@@ -92,43 +92,23 @@ class Cell:
 
     def argv(self, output: str) -> list[str]:
         """`thrifty train` arguments of this cell writing into `output`."""
-        return ["--method", self.method, "--seed", str(self.seed), "--output", output, *flags_to_argv(self.flags)] + [
-            x for k, v in sorted(self.sets.items()) for x in ("--set", f"{k}={v}")
-        ]
+        return [
+            "--method",
+            self.method,
+            "--seed",
+            str(self.seed),
+            "--output",
+            output,
+            *options_to_argv(self.flags),
+        ] + [x for k, v in sorted(self.sets.items()) for x in ("--set", f"{k}={v}")]
 
     def spec(self) -> dict[str, Any]:
         """The identity of the cell (what must match for an existing result to count as this cell's)."""
         return {"method": self.method, "seed": self.seed, "flags": self.flags, "set": self.sets}
 
 
-@functools.cache
-def _train_actions() -> dict[str, argparse.Action]:
-    """`thrifty train`'s own flags (dest -> action), so suites accept exactly what `thrifty train` accepts."""
-    from thrifty.cli import train
-
-    parser = argparse.ArgumentParser()
-    train.register(parser.add_subparsers())
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: a for a in sub.choices["train"]._actions if a.option_strings and a.dest != "help"}
-
-
-def flags_to_argv(flags: dict[str, Any]) -> list[str]:
-    """{'batch_size': 64, 'random_init': True} -> ['--batch-size', '64', '--random-init'] (False/None dropped)."""
-    actions = _train_actions()
-    out: list[str] = []
-    for key in sorted(flags):
-        value, action = flags[key], actions[key]
-        flag = max(action.option_strings, key=len)
-        if isinstance(action, argparse._StoreTrueAction):
-            if value:
-                out.append(flag)
-        elif value is not None:
-            out += [flag, str(value)]
-    return out
-
-
 def _layer(
-    raw: Any, where: str, actions: dict[str, argparse.Action], skip: frozenset[str] = frozenset()
+    raw: Any, where: str, actions: dict[str, Option], skip: frozenset[str] = frozenset()
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Split one mapping into (train flags, set options), checking every key against `thrifty train`;
     keys in `skip` belong to the caller (a task's `name`, a method's `method` and `tasks`)."""
@@ -169,7 +149,7 @@ def parse_suite(data: dict[str, Any], source: str = "") -> Suite:
     unknown = set(data) - SUITE_KEYS
     if unknown:
         raise ConfigError(f"{source}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(SUITE_KEYS)}")
-    actions = _train_actions()
+    actions = train_options()
     _layer(data.get("defaults"), "defaults", actions)  # validate early
     tasks_raw = data.get("tasks") or []
     if not isinstance(tasks_raw, list) or not tasks_raw:
@@ -241,8 +221,6 @@ def find_suite(name: str) -> str:
 
 def load_suite(path: str) -> Suite:
     """Read a suite/grid YAML (or JSON) file."""
-    from thrifty.cli.common import load_config_file
-
     return parse_suite(load_config_file(path), source=path)
 
 
@@ -283,7 +261,7 @@ def expand(
     `methods` may name any registered method, also ones the suite does not list (they get the defaults).
     `overrides` are train flags applied last to every cell (e.g. {'epochs': 1} for a quick check).
     """
-    actions = _train_actions()
+    actions = train_options()
     labels = methods or list(suite.methods)
     task_names = [t.name for t in suite.tasks]
     for t in tasks or []:

@@ -4,31 +4,11 @@ options, argument groups for backbone / data / training, and saving the resolved
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from typing import Any
 
 from thrifty.errors import ConfigError
-from thrifty.train.allocator import MALLOC_MODES
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
-    with open(path) as fh:
-        text = fh.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); YAML files must end in .yaml/.yml") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of option names to values")
-    return data
+from thrifty.io import load_config_file
+from thrifty.train.options import BACKBONE, DATA, TRAINING
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:
@@ -57,58 +37,30 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_options(parser: argparse.ArgumentParser, options, required: bool = True) -> None:
+    """Add a table of `thrifty.train.options.Option`s to `parser`, one argument group per option group."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for o in options:
+        g = groups.get(o.group) or groups.setdefault(o.group, parser.add_argument_group(o.group))
+        if o.is_switch:
+            g.add_argument(o.flag, action="store_true", help=o.help)
+        elif o.repeat:
+            g.add_argument(o.flag, action="append", default=[], metavar=o.metavar, help=o.help)
+        else:
+            kw = {"type": o.type, "default": o.default, "help": o.help, "choices": o.choices, "metavar": o.metavar}
+            g.add_argument(o.flag, required=o.required and required, **kw)
+
+
 def add_backbone_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    g = parser.add_argument_group("backbone")
-    g.add_argument("--backbone", required=required, help="timm:<name> | hf:<id or dir> | minilm | efficientnet-lite0")
-    g.add_argument("--checkpoint", help="local weights: .safetensors, .pth, Google ViT .npz, or a HF model dir")
-    g.add_argument("--random-init", action="store_true", help="random weights (no download); for smoke tests")
-    g.add_argument("--max-length", type=int, help="text backbones: tokens per sample (default 128)")
-    g.add_argument("--image-size", type=int, help="image backbones: input resolution (default: the model's)")
+    add_options(parser, BACKBONE, required)
 
 
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    g = parser.add_argument_group("data")
-    g.add_argument(
-        "--data",
-        required=required,
-        help="vtab:PATH/vtab-1k/<task> | fashion-mnist | digits | reviews | imagefolder:PATH; "
-        "append :1k for the few-sample protocol",
-    )
-    g.add_argument("--test-size", type=int, help="cap the test split (stratified subsample)")
-    g.add_argument("--split-seed", type=int, help="seed of the 1k split draw (default: --seed)")
+    add_options(parser, DATA, required)
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--warmup-epochs", type=float, default=1.0)
-    g.add_argument("--min-lr", type=float, default=1e-6)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 disables)")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    g.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
-    g.add_argument(
-        "--select-on-val",
-        action="store_true",
-        help="train on the tuning split (train800), keep the best epoch on val (val200), report test",
-    )
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument(
-        "--malloc",
-        choices=MALLOC_MODES,
-        default="tuned",
-        help="CPU: `tuned` keeps freed large blocks for reuse (glibc; fewer page faults per step), `system` leaves "
-        "the allocator alone",
-    )
-    g.add_argument(
-        "--keep-denormals",
-        action="store_true",
-        help="CPU: do not flush subnormal floats to zero during training (slower once attention sharpens)",
-    )
+    add_options(parser, TRAINING)
 
 
 def train_config(args: argparse.Namespace):
@@ -131,6 +83,13 @@ def train_config(args: argparse.Namespace):
         malloc=args.malloc,
         flush_denormal=not args.keep_denormals,
     )
+
+
+def backbone_spec(args: argparse.Namespace):
+    """The BackboneSpec of the backbone flags."""
+    from thrifty.backbones import BackboneSpec
+
+    return BackboneSpec(args.backbone, args.checkpoint, bool(args.random_init), args.image_size, args.max_length)
 
 
 def backbone_kwargs(args: argparse.Namespace) -> dict[str, Any]:

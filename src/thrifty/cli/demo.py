@@ -93,6 +93,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from thrifty.backbones import BackboneSpec
     from thrifty.io import read_json, write_json, write_text
     from thrifty.train import RESULTS_NAME, TrainConfig, run_training
 
@@ -129,13 +130,12 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
             results = run_training(
-                backbone=recipe["backbone"],
+                backbone=BackboneSpec(recipe["backbone"], max_length=recipe["max_length"]),
                 data=recipe["data"],
                 method=method,
                 overrides=options,
                 train=train,
                 output_dir=out,
-                max_length=recipe["max_length"],
                 test_size=recipe["test_size"],
                 resume=True,
                 extra={"demo_recipe": recipe, "wall_seconds": None},

@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.backbones import load_backbone
     from thrifty.data import PROTOCOLS, load_data
     from thrifty.io import write_json
-    from thrifty.train.loop import evaluate, resolve_device
+    from thrifty.runtime import resolve_device
+    from thrifty.train import evaluate
     from thrifty.tuners import load_tuned_model
 
     if args.adapter:

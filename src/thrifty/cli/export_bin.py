@@ -45,12 +45,12 @@ def load_lowbit_dir(directory: str, backbone=None):
     """A low-bit model rebuilt from a saved adapter directory (the architecture of its backbone suffices)."""
     from thrifty.backbones import load_backbone
     from thrifty.errors import CheckpointError
-    from thrifty.io import load_tensors, read_json
-    from thrifty.tuners import CONFIG_NAME, WEIGHTS_NAME, get_method
+    from thrifty.io import read_json
+    from thrifty.tuners import CONFIG_NAME, TunedModel, get_method
     from thrifty.tuners.lowbit import LowBitModel
 
     cfg = read_json(os.path.join(directory, CONFIG_NAME))
-    config_cls, model_cls = get_method(cfg.get("method", "?"))
+    _, model_cls = get_method(cfg.get("method", "?"))
     if not issubclass(model_cls, LowBitModel):
         raise CheckpointError(
             f"{directory} holds a {cfg.get('method')!r} adapter; export-bin needs bi_lora or bi_adaptformer"
@@ -59,11 +59,7 @@ def load_lowbit_dir(directory: str, backbone=None):
     backbone = backbone or load_backbone(_backbone_spec(saved), pretrained=False)
     if saved and saved != backbone.name:
         raise CheckpointError(f"adapter in {directory} was trained on {saved!r}, not {backbone.name!r}")
-    extra = {"base_model_name_or_path", "num_classes", "backbone_checkpoint_hash", "backbone_source"}
-    config = config_cls.from_dict({k: v for k, v in cfg.items() if k not in extra})
-    model = model_cls(backbone, config, int(cfg["num_classes"]))
-    model.load_adapter_state_dict(load_tensors(os.path.join(directory, WEIGHTS_NAME)), directory)
-    return model.eval()
+    return TunedModel.from_pretrained(backbone, directory, check_weights=False).eval()  # the architecture suffices
 
 
 def run(args: argparse.Namespace) -> int:

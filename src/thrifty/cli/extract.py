@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.data import load_data
     from thrifty.errors import ConfigError
     from thrifty.features import extract_features
-    from thrifty.train.loop import resolve_device
+    from thrifty.runtime import resolve_device
     from thrifty.tuners import get_tuned_model, make_config
     from thrifty.tuners.side import SideTuner
 

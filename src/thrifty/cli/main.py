@@ -21,11 +21,12 @@ COMMANDS = [
     "report",
     "serve",
     "quantize",
+    "list",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from thrifty import __version__
+    from thrifty.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="thrifty",

@@ -39,7 +39,7 @@ def profile_methods(
     """Method options apply to every method that has them; `method.key=value` targets one method."""
     import torch
 
-    from thrifty.metrics import peak_step_memory_subprocess
+    from thrifty.train.measure import peak_step_memory_subprocess
     from thrifty.tuners import get_method
 
     if device == "auto":

@@ -40,7 +40,7 @@ def quant_options(method: str, overrides: dict[str, str]) -> dict[str, typing.An
     """`--set key=value` strings -> typed options of the method's config or of its PTQ base config."""
     from thrifty.compress.quant.config import QUANT_CONFIGS, PTQConfig
     from thrifty.errors import ConfigError
-    from thrifty.tuners.config import coerce
+    from thrifty.values import coerce
 
     out = {}
     for key, value in overrides.items():
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.compress.quant.config import parse_bits
     from thrifty.data import load_data
     from thrifty.io import write_json
-    from thrifty.train.loop import evaluate
+    from thrifty.train import evaluate
     from thrifty.tuners import get_tuned_model, load_tuned_model, make_config
 
     w, a = parse_bits(args.bits)

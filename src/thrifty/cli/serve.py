@@ -51,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from thrifty.backbones import load_backbone
+    from thrifty.backbones.remote import read_token
     from thrifty.errors import ConfigError
+    from thrifty.runtime import resolve_device
     from thrifty.serve.app import run_server
-    from thrifty.serve.client import read_token
     from thrifty.serve.engine import GatherEngine, Limits
-    from thrifty.train.loop import resolve_device
 
     for name in ("max_batch", "model_batch", "queue_size", "max_image_pixels"):
         if getattr(args, name) <= 0:

@@ -167,6 +167,7 @@ class TaskData:
     num_classes: int
     protocol: str = "full"
     meta: dict[str, Any] = field(default_factory=dict)
+    objective: str | None = None  # the objective this data calls for by default (None: classification)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -196,6 +197,7 @@ class TaskData:
             "data": self.name,
             "protocol": self.protocol,
             "num_classes": self.num_classes,
+            "objective": self.objective,
             "split_sizes": {k: len(v) for k, v in self.splits.items()},
             **self.meta,
         }

@@ -31,6 +31,7 @@ class Pools:
     class_names: list[str] | None = None
     balanced_1k: bool = False  # draw 1k splits with equal class shares (imbalanced sources, see docs)
     description: str = ""
+    objective: str | None = None  # the objective this source calls for by default (None: classification)
 
 
 def _idx(path: str, offset: int) -> np.ndarray:
@@ -156,3 +157,4 @@ def image_folder(root: str) -> Pools:
 
 
 PACKAGED = {"fashion-mnist": fashion_mnist, "digits": digits, "reviews": reviews, "recommend": recommend}
+"""The packaged sources by name (registered as datasets in thrifty.data.builtin)."""

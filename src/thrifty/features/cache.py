@@ -125,7 +125,7 @@ class FeatureCache:
             raise DataError(f"cache dtype must be one of {DTYPES}, got {dtype!r}")
         if chunk_size <= 0:
             raise DataError(f"`chunk_size` must be positive, got {chunk_size}")
-        from thrifty import __version__
+        from thrifty.version import __version__
 
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -275,11 +275,11 @@ class FeatureCache:
         }
 
     def _local_batches(self, backbone, dataset, start, stop, *, batch_size, device, amp) -> Iterator[dict]:
-        from thrifty.train.loop import _autocast, to_device
+        from thrifty.runtime import autocast, to_device
 
         loader = DataLoader(dataset.subset(range(start, stop)), batch_size=batch_size, shuffle=False)
         for inputs, _ in loader:
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 yield extract_taps(backbone, to_device(inputs, device), self.taps)
 
     def _extract_chunk(self, split: str, dataset: LabelledDataset, c: int, batches: BatchSource) -> None:

@@ -12,7 +12,7 @@ from thrifty.backbones import Backbone
 from thrifty.data.base import PROTOCOLS, TaskData
 from thrifty.errors import DataError
 from thrifty.features.cache import BatchSource, FeatureCache
-from thrifty.train.denormals import flushed_denormals
+from thrifty.runtime.denormals import flushed_denormals
 
 
 def extract_features(
@@ -37,7 +37,7 @@ def extract_features(
     Resumable and self-repairing: chunks already recorded and intact are kept, missing or corrupt ones are
     (re-)extracted. Returns the cache and one {'split', 'samples', 'chunks', 'extracted'} record per split.
     `batches`: where the taps come from (default: `backbone`; see `FeatureCache.extract_split`).
-    `flush_denormal`: on CPU, run with subnormals flushed to zero (thrifty.train.denormals), as the training loop
+    `flush_denormal`: on CPU, run with subnormals flushed to zero (thrifty.runtime.denormals), as the training loop
     does by default, so cached taps equal what a run on the inputs computes.
     """
     names = list(task.splits) if splits is None else list(splits)

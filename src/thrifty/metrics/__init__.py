@@ -3,7 +3,6 @@
 from thrifty.metrics.env import environment
 from thrifty.metrics.memory import (
     cpu_peak_growth,
-    peak_step_memory_subprocess,
     saved_activation_bytes,
     training_step,
 )
@@ -26,7 +25,6 @@ __all__ = [
     "cpu_peak_growth",
     "dir_bytes",
     "environment",
-    "peak_step_memory_subprocess",
     "saved_activation_bytes",
     "training_step",
 ]

@@ -5,17 +5,13 @@ for the backward pass during one forward, de-duplicated by storage, *excluding p
 to compute input gradients is not an activation). It is exact and device independent.
 
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` around the step. On CPU, the step runs in a fresh process
-(`python -m thrifty.metrics.peak_worker`, glibc's mmap threshold fixed so freed tensors leave the resident set)
+(`python -m thrifty.train.peak_worker`, glibc's mmap threshold fixed so freed tensors leave the resident set)
 and we report the growth of its peak resident set (VmHWM, reset through /proc/self/clear_refs just before the
 step, after a warm-up step and `malloc_trim`) over its resident set before the step.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -47,9 +43,20 @@ def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) ->
     return int(sum(seen.values()))
 
 
-def training_step(model: nn.Module, inputs: Any, labels: torch.Tensor, optimizer: torch.optim.Optimizer | None):
-    """One forward/backward/update, as the training loop does it."""
-    loss = nn.functional.cross_entropy(model(inputs), labels)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def training_step(
+    model: nn.Module,
+    inputs: Any,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    loss_fn: LossFn | None = None,
+):
+    """One forward/backward/update, as the training loop does it; `loss_fn(outputs, labels)` is the objective's
+    loss (default: cross-entropy)."""
+    outputs = model(inputs)
+    loss = loss_fn(outputs, labels) if loss_fn is not None else nn.functional.cross_entropy(outputs, labels)
     if loss.requires_grad:
         loss.backward()
     if optimizer is not None:
@@ -58,11 +65,13 @@ def training_step(model: nn.Module, inputs: Any, labels: torch.Tensor, optimizer
     return loss
 
 
-def cuda_peak_step_bytes(model: nn.Module, inputs: Any, labels: torch.Tensor, optimizer) -> int:
+def cuda_peak_step_bytes(
+    model: nn.Module, inputs: Any, labels: torch.Tensor, optimizer, loss_fn: LossFn | None = None
+) -> int:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    training_step(model, inputs, labels, optimizer)
+    training_step(model, inputs, labels, optimizer, loss_fn)
     torch.cuda.synchronize()
     return int(torch.cuda.max_memory_allocated() - base)
 
@@ -105,20 +114,3 @@ def cpu_peak_growth(step: Callable[[], Any]) -> int:
     before = _status_kb("VmRSS")
     step()
     return max(0, (_status_kb("VmHWM") - before) * 1024)
-
-
-def peak_step_memory_subprocess(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
-    """Run `thrifty.metrics.peak_worker` on `spec` in a fresh process; returns its JSON answer."""
-    # a fixed mmap threshold makes glibc return large freed blocks at once, so RSS tracks live tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "thrifty.metrics.peak_worker"],
-        input=json.dumps(spec),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"peak-memory worker failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """The HTTP service (FastAPI + uvicorn) around a `GatherEngine`: bearer-token authentication on every endpoint
 but /health, request-body and batch-size limits, 4xx answers for malformed input, a bounded queue in front of
-one model worker (thrifty.serve.engine.Batcher). Wire format: thrifty.serve.protocol."""
+one model worker (thrifty.serve.engine.Batcher). Wire format: thrifty.backbones.remote.protocol."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from thrifty.backbones.remote.protocol import GATHER, HEALTH, INFO
 from thrifty.serve.engine import Batcher, Busy, GatherEngine, Limits, RequestError
-from thrifty.serve.protocol import GATHER, HEALTH, INFO
 
 
 def create_app(engine: GatherEngine, token: str, limits: Limits | None = None):

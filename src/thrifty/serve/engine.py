@@ -17,10 +17,10 @@ import torch
 
 from thrifty.backbones import Backbone
 from thrifty.backbones.preprocess import ImagePreprocess
+from thrifty.backbones.remote.protocol import API_VERSION, DTYPES, encode_features
 from thrifty.errors import ConfigError
 from thrifty.features.taps import canonical_taps, extract_taps, gather_tap
-from thrifty.serve.protocol import API_VERSION, DTYPES, encode_features
-from thrifty.train.denormals import flushed_denormals
+from thrifty.runtime.denormals import flushed_denormals
 from thrifty.tuners.miet.model import resolve_k
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from thrifty.serve.protocol import GATHER, INFO, decode_features, encode_request
+from thrifty.backbones.remote.protocol import GATHER, INFO, decode_features, encode_request
 
 
 def png_images(count: int, size: int, seed: int = 0) -> list[bytes]:

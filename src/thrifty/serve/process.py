@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from thrifty.serve.protocol import RemoteError
+from thrifty.backbones.remote.protocol import RemoteError
 
 
 LISTENING = re.compile(r"listening on (http://\S+):(\d+)")

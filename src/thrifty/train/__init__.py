@@ -1,7 +1,10 @@
-"""Training: one loop for every method (`Trainer`), and `run_training` from spec strings to results.json."""
+"""Training: one loop for every method and objective (`Trainer`, N members on one data pass), and
+`run_training` from spec strings to results.json."""
 
-from thrifty.train.loop import TrainConfig, Trainer, evaluate
-from thrifty.train.run import RESULTS_NAME, run_training
+from thrifty.train.config import TrainConfig
+from thrifty.train.evaluate import evaluate, evaluate_many
+from thrifty.train.run import run_training
+from thrifty.train.trainer import RESULTS_NAME, Member, Trainer
 
 
-__all__ = ["RESULTS_NAME", "TrainConfig", "Trainer", "evaluate", "run_training"]
+__all__ = ["RESULTS_NAME", "Member", "TrainConfig", "Trainer", "evaluate", "evaluate_many", "run_training"]

@@ -1,74 +1,45 @@
-"""`run_training`: spec strings in, a trained adapter and one `results.json` out. The CLI, the demo and the
-benchmark harness all call it, so every run records the same keys."""
+"""`run_training`: spec strings (or a loaded backbone) in, trained adapters and `results.json` out. The CLI, the
+demo and the benchmark harness all call it, so every run records the same keys. With `sweep`, every
+configuration of the grid trains together as one Trainer's members (one backbone pass per batch)."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
+import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from thrifty.backbones import load_backbone
+from thrifty.backbones import Backbone, BackboneSpec, load_backbone
+from thrifty.backbones.remote import RemoteBackbone
 from thrifty.data import TaskData, load_data
 from thrifty.errors import ConfigError
-from thrifty.io import write_json
-from thrifty.metrics import dir_bytes, environment, peak_step_memory_subprocess, saved_activation_bytes
-from thrifty.metrics.memory import cuda_peak_step_bytes, training_step
+from thrifty.features.remote import RemoteFeatures
+from thrifty.io import write_json, write_text
+from thrifty.metrics import dir_bytes, environment
+from thrifty.objectives import Objective, make_objective
+from thrifty.runtime import resolve_device
 from thrifty.train.checkpoint import CHECKPOINT_NAME
-from thrifty.train.loop import TrainConfig, Trainer, resolve_device, to_device
+from thrifty.train.config import TrainConfig
+from thrifty.train.measure import measure_step
+from thrifty.train.members import build_members, summarize
+from thrifty.train.trainer import RESULTS_NAME, Member, Trainer
 from thrifty.tuners import TunedModel, get_method, get_tuned_model, make_config
-
-
-if TYPE_CHECKING:
-    from thrifty.serve.client import RemoteFeatures
-
-
-RESULTS_NAME = "results.json"
-
-
-def measure_step(
-    model, task, cfg: TrainConfig, trainer: Trainer, spec: dict[str, Any], peak_memory: bool
-) -> dict[str, Any]:
-    """Bytes saved for backward on the first real training batch, and the peak memory of one step."""
-    first = next(iter(trainer.sampler))
-    batch = [trainer.train_set[i] for i in first]
-    inputs, labels = torch.utils.data.default_collate(batch)
-    inputs, labels = to_device(inputs, trainer.device), labels.to(trainer.device)
-    model.train()
-    saved = saved_activation_bytes(model, lambda: training_step(model, inputs, labels, None))
-    model.zero_grad(set_to_none=True)
-    out: dict[str, Any] = {"saved_activation_bytes": saved, "measured_batch_size": len(first)}
-    if not peak_memory:
-        return out
-    if trainer.device.type == "cuda":
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-        out.update(
-            peak_memory_bytes=cuda_peak_step_bytes(model, inputs, labels, opt),
-            peak_memory_kind="cuda_max_memory_allocated",
-        )
-        model.zero_grad(set_to_none=True)
-    else:
-        res = peak_step_memory_subprocess(
-            {**spec, "batch_size": len(first), "timed_steps": 0, "threads": torch.get_num_threads()}
-        )
-        out.update(peak_memory_bytes=res["peak_memory_bytes"], peak_memory_kind="cpu_rss_growth_fresh_process")
-    return out
+from thrifty.tuners.side import require_side
 
 
 def run_training(
     *,
-    backbone: str,
-    data: str,
+    backbone: str | BackboneSpec | Backbone,
+    data: str | TaskData,
     method: str,
     overrides: dict[str, Any] | None = None,
     train: TrainConfig | None = None,
     output_dir: str | None = None,
-    checkpoint: str | None = None,
-    pretrained: bool | None = None,
-    max_length: int | None = None,
-    image_size: int | None = None,
+    objective: str | Objective | None = None,
+    sweep: dict[str, list[str]] | None = None,
     test_size: int | None = None,
     split_seed: int | None = None,
     resume: bool = False,
@@ -82,82 +53,129 @@ def run_training(
 ) -> dict[str, Any]:
     """Train `method` on `data` over `backbone`; save the adapter and results.json in `output_dir`.
 
+    `backbone`: a spec string, a BackboneSpec (checkpoint, random init, input size) or a loaded Backbone (used as
+    it is, e.g. `load_backbone("minilm", max_length=64)`). `data`: a spec string or a loaded TaskData.
+    `objective`: what to optimise and report (default: the task's own, else classification).
+    `sweep`: {option: [values]} trains every combination together (side methods only) and returns the sweep
+    summary instead of one run's results.
     `cache`: a feature-cache directory (thrifty.features); a side method then trains from the cached taps
     (the directory is created or completed first), which gives the same result as training on the inputs.
     `remote`: URL of a feature server (`thrifty serve`, bearer token in `token_file`): the backbone runs there,
     its gathered features fill the cache (default `output_dir/features`) and only the edge network runs here."""
     train = train or TrainConfig()
     overrides = dict(overrides or {})
-    link = connect_remote(remote, token_file, backbone, checkpoint, pretrained, image_size, max_length)
+    if sweep and remote:
+        raise ConfigError("--remote is not supported with --sweep; fetch the features once with a single run")
+    bb = connect_remote(remote, token_file, backbone)
+    if bb is None and isinstance(backbone, Backbone):
+        bb = backbone
+    elif bb is None:
+        spec = BackboneSpec.of(backbone)
+        bb = load_backbone(spec.replace(token_file=token_file) if spec.kind == "remote" and token_file else spec)
+    link = RemoteFeatures(bb) if isinstance(bb, RemoteBackbone) else None
     if link is not None:
-        bb = link.backbone
-        overrides = {**link.method_defaults(get_method(method)[0]), **overrides}
+        overrides = {**bb.method_defaults(get_method(method)[0]), **overrides}
         cache = cache or (os.path.join(output_dir, "features") if output_dir else None)
         if not cache:
             raise ConfigError("training from a feature server needs --cache DIR or --output")
+    seed = train.seed if split_seed is None else split_seed
+    task = data if isinstance(data, TaskData) else load_data(data, bb.preprocess, seed=seed, test_size=test_size)
+    obj = make_objective(objective if objective is not None else task.objective)
+    if sweep:
+        members = build_members(bb, task.num_classes, method, sweep, overrides, train, obj, output_dir)
     else:
-        bb = load_backbone(
-            backbone, checkpoint=checkpoint, pretrained=pretrained, max_length=max_length, image_size=image_size
-        )
-    task = load_data(data, bb.preprocess, seed=train.seed if split_seed is None else split_seed, test_size=test_size)
-    torch.manual_seed(train.seed)
-    model = get_tuned_model(bb, make_config(method, overrides), task.num_classes)
+        torch.manual_seed(train.seed)
+        model = get_tuned_model(bb, make_config(method, overrides), task.num_classes, objective=obj)
+        members = [Member(model, train, output_dir=output_dir)]
+    models = [m.model for m in members]
     if cache:
-        task = use_feature_cache([model], task, cache, train, link)
-    trainer = Trainer(model, task, train, output_dir)
-    trainer._check_outputs(resume, overwrite)
-    spec = {
-        "backbone": backbone,
-        "method": method,
-        "overrides": overrides,
-        "num_classes": task.num_classes,
-        "max_length": max_length,
-        "image_size": image_size,
-        "seed": train.seed,
-    }
-    # the fresh-process peak-memory worker feeds backbone inputs, so it does not describe a run on cached taps
-    step = measure_step(model, task, train, trainer, spec, peak_memory and trainer.dist.is_main and not cache)
-    if link is not None:
-        step.update(link.metrics())  # bytes received from the server, in total and per sample
+        task = use_feature_cache(models, task, cache, train, link)
+    trainer = Trainer(members if sweep else models[0], task, train, output_dir, objective=obj)
+    trainer.check_outputs(resume, overwrite)
+    steps = {}
+    for m in trainer.members:
+        bb_spec = getattr(bb, "spec", None) or BackboneSpec(bb.name)
+        spec = {
+            "backbone": bb_spec.name,
+            "max_length": bb_spec.max_length,
+            "image_size": bb_spec.image_size,
+            "method": method,
+            "overrides": {
+                **overrides,
+                **{k: v for k, v in m.values.items() if k in m.model.config.__dataclass_fields__},
+            },
+            "objective": obj.name,
+            "num_classes": task.num_classes,
+            "seed": train.seed,
+        }
+        torch.manual_seed(train.seed)
+        # the fresh-process peak-memory worker feeds backbone inputs: it does not describe a run on cached taps
+        measure = peak_memory and trainer.dist.is_main and not cache and not sweep
+        steps[m.name] = measure_step(m.model, trainer, spec, measure)
+        if link is not None:
+            steps[m.name].update(link.metrics())  # bytes received from the server, in total and per sample
+    t0 = time.perf_counter()
     fit = trainer.fit(resume=resume, overwrite=overwrite)
     if not trainer.dist.is_main:
         return fit
-    return finish_run(model, task, train, fit, step, trainer.device, output_dir, keep_checkpoint, extra)
+    fits = {m.name: fit[m.name] for m in trainer.members} if sweep else {"": fit}
+    results = {}
+    for m in trainer.members:
+        info = {
+            **(extra or {}),
+            **({"sweep": {"name": m.name, "values": m.values, "members": len(members)}} if sweep else {}),
+        }
+        if m.failed is None:
+            results[m.name] = finish_run(
+                m, task, obj, fits[m.name], steps[m.name], trainer.device, keep_checkpoint or bool(sweep), info
+            )
+        elif m.output_dir:
+            write_json(os.path.join(m.output_dir, RESULTS_NAME), {"status": "failed", "error": m.failed, **info})
+    if not sweep:
+        return results[""]
+    return finish_sweep(trainer, fits, list(sweep), obj, time.perf_counter() - t0, output_dir, keep_checkpoint)
 
 
-def require_side(model: TunedModel, purpose: str) -> None:
-    """Raise ConfigError unless `model` is a side method (reads only the frozen backbone's outputs)."""
-    from thrifty.tuners import available_methods, get_method
-    from thrifty.tuners.side import SideTuner
-
-    if not isinstance(model, SideTuner):
-        side = [m for m in available_methods() if issubclass(get_method(m)[1], SideTuner)]
-        raise ConfigError(
-            f"method {model.config.method!r} cannot {purpose}: it runs inside the backbone (adapts it or adds "
-            f"back into it). Methods that can: {', '.join(side)}"
-        )
+def finish_sweep(
+    trainer: Trainer,
+    fits: dict[str, dict[str, Any]],
+    keys: list[str],
+    objective: Objective,
+    seconds: float,
+    output_dir: str | None,
+    keep_checkpoint: bool,
+) -> dict[str, Any]:
+    """sweep.json and summary.md: every member's val and test metric, the member selected on val."""
+    val, test = f"val_{objective.selection_metric}", f"test_{objective.metric_names[0]}"
+    rows = []
+    for m in trainer.members:
+        row = {"name": m.name, **m.values, "dir": m.output_dir, "status": m.failed or "complete"}
+        row.update({k: fits[m.name].get(k) for k in (val, "selected_epoch", test)})
+        rows.append(row)
+    summary = summarize(rows, keys, trainer.cfg.select_on_val, seconds, objective)
+    if output_dir:
+        write_json(os.path.join(output_dir, "sweep.json"), summary)
+        write_text(os.path.join(output_dir, "summary.md"), summary["table"] + "\n")
+        ck = os.path.join(output_dir, CHECKPOINT_NAME)
+        if not keep_checkpoint and os.path.exists(ck):
+            os.remove(ck)
+    return summary
 
 
 def connect_remote(
-    remote: str | None,
-    token_file: str | None,
-    backbone: str | None,
-    checkpoint: str | None,
-    pretrained: bool | None,
-    image_size: int | None,
-    max_length: int | None,
-) -> RemoteFeatures | None:
-    """A `RemoteFeatures` link to the feature server at `remote` (None without one); the backbone flags must
-    agree with what the server runs (thrifty.serve.client.RemoteFeatures.connect)."""
+    remote: str | None, token_file: str | None, backbone: str | BackboneSpec | Backbone
+) -> RemoteBackbone | None:
+    """`--remote URL`: the feature server's backbone (None without one), the same as `--backbone remote:URL`;
+    the backbone flags must agree with what the server runs (RemoteBackbone.connect)."""
     if remote is None:
-        if token_file:
+        if token_file and not str(getattr(backbone, "name", backbone)).startswith("remote:"):
             raise ConfigError("--token-file is for --remote (a feature server); pass both or neither")
         return None
-    if checkpoint or pretrained is False:
+    spec = backbone.spec if isinstance(backbone, Backbone) else BackboneSpec.of(backbone)
+    if spec is None or spec.checkpoint or spec.random_init:
         raise ConfigError("with --remote the server owns the backbone weights; drop --checkpoint / --random-init")
-    from thrifty.serve.client import RemoteFeatures
-
-    return RemoteFeatures.connect(remote, token_file, backbone=backbone, image_size=image_size, max_length=max_length)
+    server = BackboneSpec(f"remote:{remote}", image_size=spec.image_size, max_length=spec.max_length)
+    return RemoteBackbone.connect(server.replace(token_file=token_file), expect=spec.name)
 
 
 def use_feature_cache(
@@ -176,7 +194,7 @@ def use_feature_cache(
     float_dtype = next(models[0].head.parameters()).dtype if device.type == "cpu" else None
     source = {}
     if remote is not None:
-        remote.check_taps(taps)
+        remote.backbone.check_taps(taps)
         source = {"batches": remote.batches, "dtype": remote.dtype}
     out = cached_task(
         cache,
@@ -185,7 +203,7 @@ def use_feature_cache(
         taps,
         roles=roles_for(train.select_on_val),
         extract=int(os.environ.get("WORLD_SIZE", "1")) <= 1,  # torchrun ranks only read (thrifty extract first)
-        batch_size=train.eval_batch_size or max(train.batch_size, 64),
+        batch_size=train.eval_bs,
         device=device,
         amp=train.amp,
         progress=train.progress,
@@ -199,24 +217,26 @@ def use_feature_cache(
 
 
 def finish_run(
-    model: TunedModel,
+    member: Member,
     task: TaskData,
-    train: TrainConfig,
+    objective: Objective,
     fit: dict[str, Any],
     step: dict[str, Any],
     device: torch.device,
-    output_dir: str | None,
     keep_checkpoint: bool,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Save the adapter and write results.json (the keys every run records)."""
+    model, train, output_dir = member.model, member.train, member.output_dir
     bb = model.backbone
+    fit = dict(fit)
     results: dict[str, Any] = {
         "status": "complete",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "backbone": bb.describe(),
         "task": task.describe(),
         "method": model.describe(),
+        "objective": objective.describe(),
         "train": asdict(train),
         "seed": train.seed,
         "history": fit.pop("history"),

@@ -1,4 +1,4 @@
-"""`TunedModel`: one frozen upstream backbone + a method's few trainable modules + a classification head.
+"""`TunedModel`: one frozen upstream backbone + a method's few trainable modules + the objective's head.
 
 Two kinds of method share it:
 - injected methods (lora, adaptformer, full) change the backbone in place and backpropagate through it;
@@ -33,13 +33,15 @@ class TunedModel(nn.Module):
     side: ClassVar[bool] = False  # True: the backbone runs under no_grad (nothing saved for backward inside it)
     train_backbone_mode: ClassVar[bool] = False  # True: BatchNorm/dropout of the backbone follow train()
 
-    def __init__(self, backbone: Backbone, config: TunerConfig, num_classes: int):
+    def __init__(self, backbone: Backbone, config: TunerConfig, head: nn.Module, objective: str = "classification"):
+        """`head` comes from the objective (thrifty.objectives; `get_tuned_model` builds it): a fresh
+        Linear(D, C) for classification, Linear(D, 1) for binary, the model's own LM head for causal_lm."""
         super().__init__()
         self.backbone = backbone
         self.config = config
-        self.num_classes = num_classes
-        self.head = nn.Linear(backbone.num_features, num_classes)
-        nn.init.zeros_(self.head.bias)
+        self.objective = objective
+        self.head = head
+        self.num_classes = getattr(head, "out_features", None)  # outputs of the head (None: an LM's own head)
         self.backbone.freeze_()
         self._setup()
 
@@ -136,6 +138,7 @@ class TunedModel(nn.Module):
             inference_mode=True,
             base_model_name_or_path=self.backbone.name,
             num_classes=self.num_classes,
+            objective=self.objective,
             backbone_checkpoint_hash=self.backbone.checkpoint_hash,
             backbone_source=self.backbone.source,
         )
@@ -147,9 +150,12 @@ class TunedModel(nn.Module):
         write_json(os.path.join(directory, CONFIG_NAME), cfg)
 
     @classmethod
-    def from_pretrained(cls, backbone: Backbone, directory: str, is_trainable: bool = False) -> TunedModel:
-        """Rebuild the method on `backbone` and load the saved weights; refuses files made for another backbone."""
-        from thrifty.tuners.registry import get_method
+    def from_pretrained(
+        cls, backbone: Backbone, directory: str, is_trainable: bool = False, *, check_weights: bool = True
+    ) -> TunedModel:
+        """Rebuild the method on `backbone` and load the saved weights; refuses files made for another backbone
+        (and, with `check_weights`, for other weights of the same architecture)."""
+        from thrifty.tuners.registry import get_method, get_tuned_model
 
         cfg = read_json(os.path.join(directory, CONFIG_NAME))
         saved = cfg.get("base_model_name_or_path")
@@ -159,14 +165,14 @@ class TunedModel(nn.Module):
                 f"load it with --backbone {saved}"
             )
         saved_hash = cfg.get("backbone_checkpoint_hash")
-        if saved_hash and backbone.checkpoint_hash and saved_hash != backbone.checkpoint_hash:
+        if check_weights and saved_hash and backbone.checkpoint_hash and saved_hash != backbone.checkpoint_hash:
             raise CheckpointError(
                 f"adapter in {directory} was trained on other weights of {backbone.name} "
                 f"(hash {saved_hash} != {backbone.checkpoint_hash}); pass the same checkpoint"
             )
-        config_cls, model_cls = get_method(cfg["method"])
+        config_cls, _ = get_method(cfg["method"])
         config = config_cls.from_dict({k: v for k, v in cfg.items() if k not in _SAVED_EXTRA})
-        model = model_cls(backbone, config, int(cfg["num_classes"]))
+        model = get_tuned_model(backbone, config, cfg.get("num_classes"), objective=cfg.get("objective"))
         model.load_adapter_state_dict(load_tensors(os.path.join(directory, WEIGHTS_NAME)), directory)
         if not is_trainable:
             for p in model.parameters():
@@ -180,9 +186,10 @@ class TunedModel(nn.Module):
             "config": self.config.to_dict(),
             "trainable_params": self.num_trainable(),
             "adapter_params": self.num_trainable(include_head=False),
+            "objective": self.objective,
             "head_params": sum(p.numel() for p in self.head.parameters()),
             "total_params": self.num_total(),
         }
 
 
-_SAVED_EXTRA = {"base_model_name_or_path", "num_classes", "backbone_checkpoint_hash", "backbone_source"}
+_SAVED_EXTRA = {"base_model_name_or_path", "num_classes", "objective", "backbone_checkpoint_hash", "backbone_source"}

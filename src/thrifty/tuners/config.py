@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from thrifty.errors import ConfigError
+from thrifty.values import check, coerce
 
 
 FORMAT_VERSION = 1
@@ -26,7 +26,7 @@ class TunerConfig:
     inference_mode: bool = field(default=False, metadata={"help": "True in saved configs (PEFT convention)."})
 
     def to_dict(self) -> dict[str, Any]:
-        from thrifty import __version__
+        from thrifty.version import __version__
 
         d = dataclasses.asdict(self)
         d.update(method=self.method, thrifty_version=__version__, format_version=FORMAT_VERSION)
@@ -59,40 +59,4 @@ class TunerConfig:
         return cls(**kwargs)
 
 
-def coerce(value: Any, hint: Any, key: str) -> Any:
-    """Coerce a CLI string to a type hint (bool, int, float, str, list[str], list[int], Optional)."""
-    if not isinstance(value, str):
-        return value
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value.lower() in ("none", "null", ""):
-            return None
-        for a in args:
-            try:
-                return coerce(value, a, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"`{key}`: cannot parse {value!r} as {hint}")
-    if origin in (list, tuple):
-        (inner,) = typing.get_args(hint)[:1] or (str,)
-        items = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-        return [coerce(v, inner, key) for v in items]
-    try:
-        if hint is bool:
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if hint in (int, float, str):
-            return hint(value)
-    except ValueError:
-        raise ConfigError(f"`{key}`: {value!r} is not a valid {getattr(hint, '__name__', hint)}") from None
-    return value
-
-
-def check(condition: bool, message: str) -> None:
-    """Validation helper for `__post_init__` (never `assert` for user input)."""
-    if not condition:
-        raise ConfigError(message)
+__all__ = ["FORMAT_VERSION", "TunerConfig", "check", "coerce"]

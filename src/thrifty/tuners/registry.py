@@ -1,31 +1,28 @@
-"""Method registry: `register_method(name, config_cls, model_cls)`; `get_tuned_model(backbone, config, C)`."""
+"""Method registry: `register_method(config_cls, model_cls)` under `config_cls.method`;
+`get_tuned_model(backbone, config, num_classes, objective=...)` (PEFT's `get_peft_model`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from thrifty.errors import ConfigError
+from thrifty.objectives import Objective, make_objective
+from thrifty.registry import Registry
 
 
-_REGISTRY: dict[str, tuple[type, type]] = {}
+METHODS: Registry[tuple[type, type]] = Registry("method", builtins="thrifty.tuners.methods")
 
 
-def register_method(name: str, config_cls: type, model_cls: type) -> None:
-    if name in _REGISTRY and _REGISTRY[name] != (config_cls, model_cls):
-        raise ConfigError(f"method {name!r} is already registered")
-    _REGISTRY[name] = (config_cls, model_cls)
+def register_method(config_cls: type, model_cls: type) -> None:
+    """Register a method; its name is `config_cls.method` (the string saved in adapter_config.json)."""
+    METHODS.register(config_cls.method, (config_cls, model_cls))
 
 
 def get_method(name: str) -> tuple[type, type]:
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
-    return _REGISTRY[name]
+    return METHODS.get(name)
 
 
 def available_methods() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def make_config(name: str, overrides: dict[str, Any] | None = None):
@@ -34,11 +31,11 @@ def make_config(name: str, overrides: dict[str, Any] | None = None):
     return config_cls.from_overrides(overrides or {})
 
 
-def get_tuned_model(backbone, config, num_classes: int):
-    """PEFT's `get_peft_model`: wrap `backbone` with the method of `config` and a fresh head."""
+def get_tuned_model(backbone, config, num_classes: int | None = None, *, objective: Objective | str | None = None):
+    """Wrap `backbone` with the method of `config` and a fresh head built by `objective` (default:
+    classification, a Linear(D, num_classes) with zero bias)."""
     _, model_cls = get_method(config.method)
-    return model_cls(backbone, config, num_classes)
-
-
-def _load_builtin() -> None:
-    import thrifty.tuners.methods  # noqa: F401  (registers the built-in methods)
+    obj = make_objective(objective)
+    obj.check_task(num_classes)
+    head = obj.build_head(backbone, obj.num_outputs(num_classes))
+    return model_cls(backbone, config, head, objective=obj.name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from thrifty.backbones import Inputs
+from thrifty.errors import ConfigError
 from thrifty.tuners.base import TunedModel
 
 
@@ -64,3 +65,15 @@ def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None, num_prefix: int, mod
         return tokens.mean(1)
     m = mask[:, num_prefix:].unsqueeze(-1).to(h.dtype)  # (B, N - p, 1)
     return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def require_side(model: TunedModel, purpose: str) -> None:
+    """Raise ConfigError unless `model` is a side method (reads only the frozen backbone's outputs)."""
+    from thrifty.tuners.registry import available_methods, get_method
+
+    if not isinstance(model, SideTuner):
+        side = [m for m in available_methods() if issubclass(get_method(m)[1], SideTuner)]
+        raise ConfigError(
+            f"method {model.config.method!r} cannot {purpose}: it runs inside the backbone (adapts it or adds "
+            f"back into it). Methods that can: {', '.join(side)}"
+        )

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from thrifty.compress.calibration import check_step
 from thrifty.errors import ConfigError
-from thrifty.tuners.config import check
+from thrifty.values import check
 
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)

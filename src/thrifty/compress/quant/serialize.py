@@ -59,8 +59,8 @@ def save_quantized(
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write a converted (packed) model; `model` is a TunedModel or a Backbone."""
-    from thrifty import __version__
     from thrifty.tuners.base import TunedModel
+    from thrifty.version import __version__
 
     state = quant_state_of(model)
     if state is None or state["status"] != "converted":
@@ -83,6 +83,7 @@ def save_quantized(
             "backbone_kwargs": backbone_kwargs or {},
             "tuner": model.config.to_dict() if isinstance(model, TunedModel) else None,
             "num_classes": getattr(model, "num_classes", None),
+            "objective": getattr(model, "objective", None),
         },
         "size": size_report(model),
         "extra": extra or {},
@@ -94,7 +95,7 @@ def save_quantized(
 
 def load_quantized(directory: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the float architecture, the quantized structure, then load the saved tensors (strict)."""
-    from thrifty.tuners.registry import get_method
+    from thrifty.tuners.registry import get_method, get_tuned_model
 
     info = read_json(os.path.join(directory, CONFIG_NAME))
     if info.get("format_version") != FORMAT_VERSION:
@@ -103,9 +104,9 @@ def load_quantized(directory: str, device: str | torch.device = "cpu") -> tuple[
     bb = load_backbone(meta["backbone"], pretrained=False, **meta["backbone_kwargs"])
     if meta["type"] == "tuned":
         tuner = dict(meta["tuner"])
-        config_cls, model_cls = get_method(tuner["method"])
+        config_cls, _ = get_method(tuner["method"])
         keep = {k: v for k, v in tuner.items() if k not in ("method", "thrifty_version", "format_version")}
-        model = model_cls(bb, config_cls.from_dict(keep), int(meta["num_classes"]))
+        model = get_tuned_model(bb, config_cls.from_dict(keep), meta["num_classes"], objective=meta.get("objective"))
     else:
         model = bb
     config = config_from_dict(info["quant_config"]).replace(step="prepare_for_loading")

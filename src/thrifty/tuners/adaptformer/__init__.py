@@ -22,6 +22,8 @@ from thrifty.tuners.registry import register_method
 
 @dataclass
 class AdaptFormerConfig(TunerConfig):
+    """AdaptFormer (Chen et al., NeurIPS 2022): a parallel bottleneck adapter beside each block's MLP, scaled by s."""
+
     method: ClassVar[str] = "adaptformer"
     aliases: ClassVar[dict[str, str]] = {"dim": "bottleneck", "ffn_num": "bottleneck", "s": "scale"}
 
@@ -97,5 +99,5 @@ class AdaptFormerModel(TunedModel):
         self._hooks = ParallelAdapterHooks(sites, self.adaptformer, cfg.scale)
 
 
-register_method("adaptformer", AdaptFormerConfig, AdaptFormerModel)
+register_method(AdaptFormerConfig, AdaptFormerModel)
 __all__ = ["AdaptFormerConfig", "AdaptFormerModel", "Bottleneck", "ParallelAdapterHooks"]

@@ -38,5 +38,5 @@ class BiAdaptFormerModel(LowBitModel):
         return list(self.bi_adaptformer)
 
 
-register_method("bi_adaptformer", BiAdaptFormerConfig, BiAdaptFormerModel)
+register_method(BiAdaptFormerConfig, BiAdaptFormerModel)
 __all__ = ["BiAdaptFormerConfig", "BiAdaptFormerModel"]

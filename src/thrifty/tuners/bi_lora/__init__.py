@@ -88,5 +88,5 @@ class BiLoraModel(LowBitModel):
         return list(self._wrappers)
 
 
-register_method("bi_lora", BiLoraConfig, BiLoraModel)
+register_method(BiLoraConfig, BiLoraModel)
 __all__ = ["BiLoraConfig", "BiLoraModel", "QVAdapterLinear"]

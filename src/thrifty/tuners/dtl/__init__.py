@@ -5,6 +5,6 @@ from thrifty.tuners.dtl.model import DTLModel
 from thrifty.tuners.registry import register_method
 
 
-register_method("dtl", DTLConfig, DTLModel)
-register_method("dtl_plus", DTLPlusConfig, DTLModel)
+register_method(DTLConfig, DTLModel)
+register_method(DTLPlusConfig, DTLModel)
 __all__ = ["DTLConfig", "DTLModel", "DTLPlusConfig"]

@@ -51,5 +51,5 @@ class FullModel(TunedModel):
         return self
 
 
-register_method("full", FullConfig, FullModel)
+register_method(FullConfig, FullModel)
 __all__ = ["FullConfig", "FullModel"]

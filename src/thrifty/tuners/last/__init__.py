@@ -6,5 +6,5 @@ from thrifty.tuners.last.model import LastModel, LastSideNetwork
 from thrifty.tuners.registry import register_method
 
 
-register_method("last", LastConfig, LastModel)
+register_method(LastConfig, LastModel)
 __all__ = ["LastConfig", "LastModel", "LastSideNetwork", "LowRankSelfAttention"]

@@ -29,5 +29,5 @@ class LinearModel(SideTuner):
         return taps[POOLED]
 
 
-register_method("linear", LinearConfig, LinearModel)
+register_method(LinearConfig, LinearModel)
 __all__ = ["LinearConfig", "LinearModel"]

@@ -6,5 +6,5 @@ from thrifty.tuners.lora.model import LoraModel
 from thrifty.tuners.registry import register_method
 
 
-register_method("lora", LoraConfig, LoraModel)
+register_method(LoraConfig, LoraModel)
 __all__ = ["LoraConfig", "LoraConv2d", "LoraLinear", "LoraModel"]

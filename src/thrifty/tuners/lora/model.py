@@ -40,8 +40,7 @@ class LoraModel(TunedModel):
         for name, module in list(backbone.model.named_modules()):
             if isinstance(module, LoraLinear):
                 set_submodule(backbone.model, name, module.merged())
-        merged = FullModel(backbone, FullConfig(), self.num_classes)
-        merged.head.load_state_dict(self.head.state_dict())
+        merged = FullModel(backbone, FullConfig(), copy.deepcopy(self.head), objective=self.objective)
         for p in merged.parameters():
             p.requires_grad_(False)
         return merged.eval()

@@ -5,5 +5,5 @@ from thrifty.tuners.miet.model import EdgeNetwork, MietModel, resolve_k
 from thrifty.tuners.registry import register_method
 
 
-register_method("miet", MietConfig, MietModel)
+register_method(MietConfig, MietModel)
 __all__ = ["EdgeNetwork", "MietConfig", "MietModel", "resolve_k"]

@@ -14,6 +14,8 @@ def main() -> None:
     spec = json.loads(sys.stdin.read())
     from thrifty.backbones import load_backbone
     from thrifty.metrics.memory import cpu_peak_growth, cuda_peak_step_bytes, saved_activation_bytes, training_step
+    from thrifty.objectives import make_objective
+    from thrifty.train.measure import objective_loss
     from thrifty.train.optim import build_optimizer
     from thrifty.tuners import get_tuned_model, make_config
 
@@ -28,24 +30,27 @@ def main() -> None:
         max_length=spec.get("max_length"),
         image_size=spec.get("image_size"),
     )
-    model = get_tuned_model(bb, make_config(spec["method"], spec.get("overrides", {})), spec["num_classes"])
+    objective = make_objective(spec.get("objective"))
+    config = make_config(spec["method"], spec.get("overrides", {}))
+    model = get_tuned_model(bb, config, spec["num_classes"], objective=objective)
     model.to(device).train()
     inputs = bb.random_inputs(spec["batch_size"], seed=spec.get("seed", 0))
     inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
-    labels = torch.randint(0, spec["num_classes"], (spec["batch_size"],), device=device)
+    labels = torch.randint(0, spec["num_classes"] or 2, (spec["batch_size"],), device=device)
+    loss = objective_loss(objective, inputs)
     opt = build_optimizer(model, 1e-4, 0.0)
-    saved = saved_activation_bytes(model, lambda: training_step(model, inputs, labels, None))
+    saved = saved_activation_bytes(model, lambda: training_step(model, inputs, labels, None, loss))
     opt.zero_grad(set_to_none=True)
-    training_step(model, inputs, labels, opt)  # warm-up: allocates optimizer state and grad buffers
+    training_step(model, inputs, labels, opt, loss)  # warm-up: allocates optimizer state and grad buffers
     t0 = time.perf_counter()
     if device.type == "cuda":
-        peak = cuda_peak_step_bytes(model, inputs, labels, opt)
+        peak = cuda_peak_step_bytes(model, inputs, labels, opt, loss)
     else:
-        peak = cpu_peak_growth(lambda: training_step(model, inputs, labels, opt))
+        peak = cpu_peak_growth(lambda: training_step(model, inputs, labels, opt, loss))
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(int(spec.get("timed_steps", 1))):
-        training_step(model, inputs, labels, opt)
+        training_step(model, inputs, labels, opt, loss)
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_seconds = (time.perf_counter() - t0) / max(1, int(spec.get("timed_steps", 1)))
