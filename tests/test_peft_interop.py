@@ -172,6 +172,15 @@ def test_thrifty_bert_lora_loads_in_stock_peft_with_equal_hidden_states(tmp_path
     loaded = load_tuned_model(load_backbone(f"hf:{tiny_bert_dir}", max_length=16), str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), ours(x), rtol=0, atol=0)
+    cfg = peft.LoraConfig(r=2, lora_alpha=5, lora_dropout=0.1, **BERT_RULES)
+    peft.get_peft_model(_bert_upstream(tiny_bert_dir), cfg).save_pretrained(str(tmp_path / "peft"))  # peft's own
+    own = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert own.keys() == load_file(str(tmp_path / "adapter_model.safetensors")).keys()
+    own_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    for key, value in json.loads((tmp_path / "adapter_config.json").read_text()).items():
+        if key == "target_modules":
+            value, own_cfg[key] = sorted(value), sorted(own_cfg[key])
+        assert value == own_cfg[key], key
 
 
 # --- peft -> thrifty -------------------------------------------------------------------------------------------------
@@ -201,6 +210,17 @@ def test_stock_peft_timm_lora_loads_in_thrifty_with_equal_logits(tmp_path):
     again = _peft_load(_timm_upstream(), str(tmp_path / "again"))
     with torch.no_grad():
         torch.testing.assert_close(again(x), ref(x), rtol=0, atol=1e-6)
+
+
+def test_stock_peft_pickle_weights_load_too(tmp_path):
+    bb = _vit()
+    ref = peft.get_peft_model(_timm_upstream(), peft.LoraConfig(r=2, modules_to_save=["head"], **VIT_RULES))
+    _train([p for _, p in ref.named_parameters() if p.requires_grad])
+    ref.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert "adapter_model.bin" in os.listdir(tmp_path)
+    x = bb.random_inputs(2)
+    with torch.no_grad():
+        torch.testing.assert_close(load_tuned_model(bb, str(tmp_path))(x), ref.eval()(x), rtol=0, atol=1e-6)
 
 
 def test_stock_peft_bert_lora_loads_in_thrifty_with_a_head_file(tmp_path, tiny_bert_dir):
