@@ -86,7 +86,8 @@ def test_save_load_roundtrip_identical(tmp_path, tiny_vit_factory, method, optio
     model = get_tuned_model(tiny_vit_factory(0), make_config(method, options), 7)
     _perturb(model)
     model.save_pretrained(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    extra = ["thrifty_config.json"] if method == "lora" else []  # lora: PEFT's config + thrifty's keys beside it
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors", *extra]
     loaded = load_tuned_model(tiny_vit_factory(0), str(tmp_path))
     x = model.backbone.random_inputs(2)
     model.eval()
@@ -95,7 +96,10 @@ def test_save_load_roundtrip_identical(tmp_path, tiny_vit_factory, method, optio
     from safetensors.torch import load_file
 
     keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
-    assert keys == set(model.adapter_state_dict())  # only trainable weights are stored
+    wanted = set(model.adapter_state_dict())  # only trainable weights are stored
+    if method == "lora":  # the head is PEFT's modules_to_save, under timm's own head name
+        wanted = {k.replace("head.", "base_model.model.head.") if k.startswith("head.") else k for k in wanted}
+    assert keys == wanted
     if method == "lora":
         assert "base_model.model.blocks.0.attn.qkv.lora_A.weight" in keys
 

@@ -113,6 +113,12 @@ class Backbone(nn.Module):
         """PEFT-style default LoRA targets for this architecture."""
         raise NotImplementedError(f"{type(self).__name__} has no default LoRA targets; pass target_modules")
 
+    def upstream_head_name(self) -> str | None:
+        """Name of the upstream model's own classifier slot that thrifty emptied (timm ViT: `head`), where a
+        Linear(num_features, C) placed there makes the upstream forward equal thrifty's `head(features)`. LoRA files
+        store thrifty's head there as PEFT's `modules_to_save`; None: no such slot (the head gets its own file)."""
+        return None
+
     # --- derived ----------------------------------------------------------------------------------------------
     def forward_features(self, x: Inputs) -> torch.Tensor:
         """(B, num_features) pooled features."""

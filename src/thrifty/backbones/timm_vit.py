@@ -64,6 +64,17 @@ class TimmViT(Backbone):
     def default_target_modules(self) -> list[str]:
         return ["qkv"]
 
+    def upstream_head_name(self) -> str | None:
+        """timm's `pretrained_cfg["classifier"]` (`head`), emptied by `num_classes=0`: `timm.create_model(name,
+        num_classes=C)` runs forward_head(pre_logits) then this Linear, as TunedModel does. Distilled models (two
+        heads, averaged) have no single slot."""
+        name = (self.model.pretrained_cfg or {}).get("classifier")
+        try:
+            slot = self.model.get_submodule(name) if isinstance(name, str) else None
+        except AttributeError:
+            slot = None
+        return name if isinstance(slot, nn.Identity) else None
+
 
 def load_timm_vit(
     name: str, *, checkpoint: str | None = None, pretrained: bool | None = None, image_size: int | None = None

@@ -13,8 +13,9 @@ def accuracy(logits, labels) -> float:
     return float((logits.argmax(-1) == labels).float().mean())
 
 
-def dir_bytes(path: str, names: tuple[str, ...] = ("adapter_model.safetensors",)) -> int:
-    """Bytes on disk of the named files in `path` (the saved adapter)."""
+def dir_bytes(path: str, names: tuple[str, ...] = ("adapter_model.safetensors", "thrifty_head.safetensors")) -> int:
+    """Bytes on disk of the named files in `path` (the saved adapter: adapter weights, and the head where a PEFT-native
+    LoRA directory keeps it in its own file, see thrifty.tuners.peft_format)."""
     import os
 
     return sum(os.path.getsize(os.path.join(path, n)) for n in names if os.path.isfile(os.path.join(path, n)))

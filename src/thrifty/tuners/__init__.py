@@ -1,4 +1,8 @@
-"""Tuners: one folder per method, registered by name; `get_tuned_model` wraps a backbone with a method."""
+"""Tuners: one folder per method, registered by name; `get_tuned_model` wraps a backbone with a method.
+
+LoRA directories are stock peft's layout both ways (`peft_format`): `PeftModel.from_pretrained` loads them on the
+upstream model (timm: head as `modules_to_save`; Hugging Face encoders: head in thrifty_head.safetensors, since
+thrifty's mean pooling has no transformers class), and `load_tuned_model` loads peft's LoRA directories."""
 
 from thrifty.tuners.base import CONFIG_NAME, WEIGHTS_NAME, TunedModel
 from thrifty.tuners.config import TunerConfig

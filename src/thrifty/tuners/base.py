@@ -4,8 +4,11 @@ Two kinds of method share it:
 - injected methods (lora, adaptformer, full) change the backbone in place and backpropagate through it;
 - side methods (linear, later last/dtl) run the backbone under `torch.no_grad()`; its outputs are data.
 
-Files (PEFT format): `adapter_config.json` + `adapter_model.safetensors` holding only trainable weights, keys
+Files: `adapter_config.json` + `adapter_model.safetensors` holding only trainable weights, keys
 `base_model.model.<path in the upstream model>` for adapter weights and `head.weight`/`head.bias` for the head.
+Methods with `peft_native = True` (lora) write what stock `peft` loads instead (`tuners/peft_format.py`: PEFT's
+LoraConfig, the head as `modules_to_save` or in its own file, thrifty's keys in thrifty_config.json);
+`from_pretrained` reads both layouts, and LoRA directories written by stock `peft`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class TunedModel(nn.Module):
 
     side: ClassVar[bool] = False  # True: the backbone runs under no_grad (nothing saved for backward inside it)
     train_backbone_mode: ClassVar[bool] = False  # True: BatchNorm/dropout of the backbone follow train()
+    peft_native: ClassVar[bool] = False  # True: save_pretrained writes stock peft's layout (peft_format.py)
 
     def __init__(self, backbone: Backbone, config: TunerConfig, head: nn.Module, objective: str = "classification"):
         """`head` comes from the objective (thrifty.objectives; `get_tuned_model` builds it): a fresh
@@ -130,9 +134,8 @@ class TunedModel(nn.Module):
                     )
                 t.copy_(value)
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write adapter_config.json + adapter_model.safetensors (atomically)."""
-        os.makedirs(directory, exist_ok=True)
+    def saved_config(self) -> dict[str, Any]:
+        """The flat config dict a save records: the method's config plus thrifty's keys (num_classes, backbone)."""
         cfg = self.config.to_dict()
         cfg.update(
             inference_mode=True,
@@ -142,6 +145,17 @@ class TunedModel(nn.Module):
             backbone_checkpoint_hash=self.backbone.checkpoint_hash,
             backbone_source=self.backbone.source,
         )
+        return cfg
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write adapter_config.json + adapter_model.safetensors (atomically); see the module docstring."""
+        os.makedirs(directory, exist_ok=True)
+        cfg = self.saved_config()
+        if self.peft_native:
+            from thrifty.tuners.peft_format import write_lora_dir
+
+            write_lora_dir(self, directory, cfg, self.adapter_state_dict())
+            return
         save_tensors(
             os.path.join(directory, WEIGHTS_NAME),
             self.adapter_state_dict(),
@@ -154,10 +168,16 @@ class TunedModel(nn.Module):
         cls, backbone: Backbone, directory: str, is_trainable: bool = False, *, check_weights: bool = True
     ) -> TunedModel:
         """Rebuild the method on `backbone` and load the saved weights; refuses files made for another backbone
-        (and, with `check_weights`, for other weights of the same architecture)."""
+        (and, with `check_weights`, for other weights of the same architecture). Reads thrifty's layouts and
+        LoRA directories written by stock peft (`peft_type: "LORA"`)."""
         from thrifty.tuners.registry import get_method, get_tuned_model
 
         cfg = read_json(os.path.join(directory, CONFIG_NAME))
+        peft_cfg, state = None, None
+        if "peft_type" in cfg:
+            from thrifty.tuners import peft_format
+
+            peft_cfg, (cfg, state) = cfg, peft_format.read_peft_dir(directory, cfg)
         saved = cfg.get("base_model_name_or_path")
         if saved and saved != backbone.name:
             raise CheckpointError(
@@ -170,10 +190,14 @@ class TunedModel(nn.Module):
                 f"adapter in {directory} was trained on other weights of {backbone.name} "
                 f"(hash {saved_hash} != {backbone.checkpoint_hash}); pass the same checkpoint"
             )
+        if peft_cfg is not None:
+            cfg = peft_format.fit_to_backbone(cfg, peft_cfg, state, backbone, directory)
+        else:
+            state = load_tensors(os.path.join(directory, WEIGHTS_NAME))
         config_cls, _ = get_method(cfg["method"])
         config = config_cls.from_dict({k: v for k, v in cfg.items() if k not in _SAVED_EXTRA})
         model = get_tuned_model(backbone, config, cfg.get("num_classes"), objective=cfg.get("objective"))
-        model.load_adapter_state_dict(load_tensors(os.path.join(directory, WEIGHTS_NAME)), directory)
+        model.load_adapter_state_dict(state, directory)
         if not is_trainable:
             for p in model.parameters():
                 p.requires_grad_(False)

@@ -10,7 +10,14 @@ from thrifty.tuners.targeting import find_targets, set_submodule
 
 
 class LoraModel(TunedModel):
-    """Swaps each targeted nn.Linear of the upstream model for a `LoraLinear` (module names as in PEFT)."""
+    """Swaps each targeted nn.Linear of the upstream model for a `LoraLinear` (module names as in PEFT).
+
+    Saves stock peft's layout (`peft_native`, see thrifty.tuners.peft_format): `PeftModel.from_pretrained` loads
+    it on the upstream model (timm: `timm.create_model(name, num_classes=C)`, head as `modules_to_save`; Hugging
+    Face encoders: `AutoModel`, head in thrifty_head.safetensors because thrifty's mean pooling has no transformers
+    class), and `from_pretrained` loads LoRA directories written by stock peft."""
+
+    peft_native = True
 
     def _setup(self) -> None:
         cfg = self.config
