@@ -46,10 +46,18 @@ class CellResult:
         return self.state == "complete" and self.results is not None
 
     @property
-    def accuracy(self) -> float | None:
-        """Top-1 test accuracy in %, or None."""
-        acc = (self.results or {}).get("metrics", {}).get("test_accuracy") if self.ok else None
-        return None if acc is None else 100.0 * float(acc)
+    def metric(self) -> str:
+        """The run's headline metric: its objective's selection metric (accuracy for runs that predate it)."""
+        return ((self.results or {}).get("objective") or {}).get("selection_metric", "accuracy")
+
+    @property
+    def score(self) -> float | None:
+        """The headline metric on test (in % for metrics in [0, 1], see Objective.percent), or None."""
+        if not self.ok:
+            return None
+        value = (self.results.get("metrics") or {}).get(f"test_{self.metric}")
+        percent = (self.results.get("objective") or {}).get("percent", True)
+        return None if value is None else (100.0 if percent else 1.0) * float(value)
 
     def cost(self, key: str) -> float | None:
         if not self.ok:
@@ -171,11 +179,20 @@ def collect(out_dir: str) -> tuple[Layout, list[CellResult]]:
     return layout, cells
 
 
+def metric_label(cells: list[CellResult]) -> str:
+    """How tables and plots name the numbers: 'top-1 %' for accuracy, else the objectives' metric names."""
+    names = sorted({c.metric for c in cells if c.ok}) or ["accuracy"]
+    if names == ["accuracy"]:
+        return "top-1 %"
+    percent = all((c.results.get("objective") or {}).get("percent", True) for c in cells if c.ok)
+    return " / ".join(names) + (" (%)" if percent else "")
+
+
 def _task_cell(cells: list[CellResult]) -> TaskCell:
-    accs = [c.accuracy for c in cells if c.accuracy is not None]
+    scores = [c.score for c in cells if c.score is not None]
     return TaskCell(
-        Stat.of(accs),
-        seeds=[c.seed for c in cells if c.accuracy is not None],
+        Stat.of(scores),
+        seeds=[c.seed for c in cells if c.score is not None],
         failed=[c.seed for c in cells if c.state == "failed"],
         unfinished=[c.seed for c in cells if c.state == "partial"],
     )
@@ -196,7 +213,7 @@ def aggregate(layout: Layout, cells: list[CellResult]) -> dict[str, dict[str, An
     rows = {}
     for label in layout.methods:
         tcells = {t: _task_cell(by.get((label, t), [])) for t in all_tasks}
-        acc = {(c.task, c.seed): c.accuracy for t in all_tasks for c in by.get((label, t), [])}
+        acc = {(c.task, c.seed): c.score for t in all_tasks for c in by.get((label, t), [])}
 
         def seed_value(seed: int, tasks: list[str] | None = None, acc=acc) -> float | None:
             """Aggregate of one seed: mean over `tasks`, or (None) the mean of the group means."""

@@ -7,7 +7,7 @@ import os
 import shutil
 from typing import Any
 
-from thrifty.bench.collect import CellResult, aggregate, collect
+from thrifty.bench.collect import CellResult, aggregate, collect, metric_label
 from thrifty.bench.plots import PLOTS, plot_tradeoffs
 from thrifty.bench.report import (
     caption,
@@ -126,7 +126,7 @@ def build_report(out_dir: str, report_dir: str | None = None, docs: str | None =
     prov = provenance(cells)
     report_dir = report_dir or os.path.join(out_dir, "report")
     stem = f"{layout.name}-{env_tag(cells)}"
-    plots = plot_tradeoffs(rows, report_dir, f"{layout.name} ({env_tag(cells)})")
+    plots = plot_tradeoffs(rows, report_dir, f"{layout.name} ({env_tag(cells)})", metric_label(cells))
     md = render(layout, rows, cells, prov, plots, report_dir, f"Benchmark: {layout.name}")
     out = {
         "markdown": write(os.path.join(report_dir, f"{stem}.md"), md),

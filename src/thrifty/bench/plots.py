@@ -27,7 +27,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
 
 
-def plot_tradeoffs(rows: dict[str, dict[str, Any]], out_dir: str, title: str) -> list[str]:
+def plot_tradeoffs(rows: dict[str, dict[str, Any]], out_dir: str, title: str, metric: str = "top-1 %") -> list[str]:
     """One PNG per cost in PLOTS: x = mean cost over tasks, y = mean of group means (± std over seeds).
 
     A method with a group mean but no overall mean (it finished one group only, e.g. the text tasks) cannot be
@@ -42,7 +42,7 @@ def plot_tradeoffs(rows: dict[str, dict[str, Any]], out_dir: str, title: str) ->
             if r["costs"].get(key) is not None and r[MEAN_OF_GROUPS].mean is not None
         ]
         path = os.path.join(out_dir, fname)
-        written.append(_plot(pts, path, xlabel + ", mean over tasks", f"top-1 % ({MEAN_OF_GROUPS})", title))
+        written.append(_plot(pts, path, xlabel + ", mean over tasks", f"{metric} ({MEAN_OF_GROUPS})", title))
     groups = list(dict.fromkeys(g for r in rows.values() for g in r["groups"]))
     partial = any(
         r[MEAN_OF_GROUPS].mean is None and any(st.mean is not None for st in r["groups"].values())
@@ -60,7 +60,7 @@ def plot_tradeoffs(rows: dict[str, dict[str, Any]], out_dir: str, title: str) ->
             if pts:
                 stem, ext = os.path.splitext(fname)
                 path = os.path.join(out_dir, f"{stem}-{re.sub(r'[^A-Za-z0-9_.]+', '_', group)}{ext}")
-                ylabel = f"top-1 % ({group} mean)"
+                ylabel = f"{metric} ({group} mean)"
                 written.append(_plot(pts, path, f"{xlabel}, mean over {group} tasks", ylabel, f"{title}: {group}"))
     return written
 

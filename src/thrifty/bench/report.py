@@ -14,7 +14,16 @@ import os
 import re
 from typing import Any
 
-from thrifty.bench.collect import COSTS, MEAN_OF_GROUPS, MEAN_OF_TASKS, CellResult, Layout, Stat, TaskCell
+from thrifty.bench.collect import (
+    COSTS,
+    MEAN_OF_GROUPS,
+    MEAN_OF_TASKS,
+    CellResult,
+    Layout,
+    Stat,
+    TaskCell,
+    metric_label,
+)
 
 
 COST_TITLES = {
@@ -134,7 +143,7 @@ def cells_csv(cells: list[CellResult]) -> str:
     """Long format: one line per (task, method, seed) with its state, accuracy and costs."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["task", "method", "seed", "state", "test_accuracy", *COSTS, "returncode"])
+    w.writerow(["task", "method", "seed", "state", "test_score", *COSTS, "returncode"])
     for c in cells:
         w.writerow(
             [
@@ -142,7 +151,7 @@ def cells_csv(cells: list[CellResult]) -> str:
                 c.label,
                 c.seed,
                 c.state,
-                _num(c.accuracy),
+                _num(c.score),
                 *[_num(c.cost(k)) for k in COSTS],
                 (c.failure or {}).get("returncode", ""),
             ]
@@ -212,7 +221,8 @@ def caption(layout: Layout, cells: list[CellResult], prov: dict[str, Any]) -> st
     n_failed = sum(c.state == "failed" for c in cells)
     lines = [
         f"Suite **{layout.name}**: {len(layout.tasks)} tasks in {len(layout.groups)} groups: {groups}.",
-        "Accuracy: top-1 % on each task's test split. Model selection: " + "; ".join(prov["selection"] or ["-"]) + ".",
+        f"Numbers: {metric_label(cells)} on each task's test split (the objective's headline metric; top-1 % is "
+        "accuracy). Model selection: " + "; ".join(prov["selection"] or ["-"]) + ".",
         f"Seeds: {seeds}; each entry is the mean ± sample standard deviation (ddof 1) over seeds; "
         "(k/n) marks a task with only k of n seeds complete.",
         f"**{MEAN_OF_GROUPS}** = mean of the group means (VPT/NOAH/FacT convention); **{MEAN_OF_TASKS}** = plain "

@@ -204,8 +204,9 @@ def run_cells(
             counts["ran"] += 1
             if os.path.exists(os.path.join(cell_dir, FAILED)):
                 os.remove(os.path.join(cell_dir, FAILED))
-            acc = (results.get("metrics") or {}).get("test_accuracy")
-            outcome = f"done in {_fmt_secs(secs)}, test accuracy {100 * acc:.1f}%" if acc is not None else "done"
+            key = (results.get("objective") or {}).get("selection_metric", "accuracy")
+            value = (results.get("metrics") or {}).get(f"test_{key}")
+            outcome = f"done in {_fmt_secs(secs)}, test {key} {value:.4g}" if value is not None else "done"
         else:
             counts["failed"] += 1
             if rc == 0:

@@ -40,6 +40,7 @@ class Objective:
     metric_names: ClassVar[tuple[str, ...]] = ()  # keys of `meter().compute()` (results.json: test_<name>)
     selection_metric: ClassVar[str] = "loss"  # picks the epoch / sweep member on val
     greater_is_better: ClassVar[bool] = False
+    percent: ClassVar[bool] = True  # the headline metric lies in [0, 1] and is shown in %
     needs_classes: ClassVar[bool] = True  # the task has integer class labels in [0, num_classes)
 
     # --- model ---------------------------------------------------------------------------------------------
@@ -91,7 +92,14 @@ class Objective:
         return value > best if self.greater_is_better else value < best
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclasses.asdict(self), "selection_metric": self.selection_metric}
+        return {
+            "name": self.name,
+            **dataclasses.asdict(self),
+            "metrics": list(self.metric_names),
+            "selection_metric": self.selection_metric,
+            "greater_is_better": self.greater_is_better,
+            "percent": self.percent,
+        }
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any]) -> Objective:

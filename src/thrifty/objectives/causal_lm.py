@@ -48,6 +48,7 @@ class CausalLMObjective(Objective):
     metric_names: ClassVar[tuple[str, ...]] = ("perplexity", "loss")
     selection_metric: ClassVar[str] = "perplexity"
     greater_is_better: ClassVar[bool] = False
+    percent: ClassVar[bool] = False
     needs_classes: ClassVar[bool] = False
 
     def num_outputs(self, num_classes: int | None) -> None:

@@ -2,7 +2,8 @@
 
 Two kinds of method share it:
 - injected methods (lora, adaptformer, full) change the backbone in place and backpropagate through it;
-- side methods (linear, later last/dtl) run the backbone under `torch.no_grad()`; its outputs are data.
+- side methods (linear, last, miet; `thrifty.tuners.side`) run the backbone under `torch.no_grad()`; its outputs
+  are data.
 
 Files: `adapter_config.json` + `adapter_model.safetensors` holding only trainable weights, keys
 `base_model.model.<path in the upstream model>` for adapter weights and `head.weight`/`head.bias` for the head.
@@ -33,7 +34,6 @@ PREFIX = "base_model.model."
 class TunedModel(nn.Module):
     """Backbone + method + head. Subclasses implement `_setup()` and, for side methods, `features()`."""
 
-    side: ClassVar[bool] = False  # True: the backbone runs under no_grad (nothing saved for backward inside it)
     train_backbone_mode: ClassVar[bool] = False  # True: BatchNorm/dropout of the backbone follow train()
     peft_native: ClassVar[bool] = False  # True: save_pretrained writes stock peft's layout (peft_format.py)
 
@@ -54,10 +54,7 @@ class TunedModel(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------------
     def features(self, x: Inputs) -> torch.Tensor:
-        """(B, D) features fed to the head."""
-        if self.side:
-            with torch.no_grad():  # contiguous copy: a pooled view would keep all (B, N, D) tokens alive
-                return self.backbone.forward_features(x).contiguous().clone()
+        """(B, D) features fed to the head (side methods override it: thrifty.tuners.side)."""
         return self.backbone.forward_features(x)
 
     def forward(self, x: Inputs) -> torch.Tensor:

@@ -18,7 +18,6 @@ from thrifty.tuners.base import TunedModel
 
 
 class SideTuner(TunedModel):
-    side = True
     reads_taps: bool = False
 
     def tap_names(self) -> list[str]:

@@ -91,10 +91,6 @@ class PTQConfig(_QuantConfig):
         check(self.lp_norm > 0, f"`lp_norm` must be positive, got {self.lp_norm!r}")
         check(self.observer_samples >= 1024, f"`observer_samples` must be >= 1024, got {self.observer_samples!r}")
 
-    @property
-    def bits_name(self) -> str:
-        return f"w{self.w_bits}a{self.a_bits}"
-
 
 @dataclass
 class _CompensationConfig(_QuantConfig):
