@@ -97,10 +97,16 @@ def load_quantized(directory: str, device: str | torch.device = "cpu") -> tuple[
     from thrifty.tuners.registry import get_method
 
     info = read_json(os.path.join(directory, CONFIG_NAME))
-    if info.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{directory}: quantized format {info.get('format_version')} is not supported")
-    meta = info["model"]
-    bb = load_backbone(meta["backbone"], pretrained=False, **meta["backbone_kwargs"])
+    version = info.get("format_version") if isinstance(info, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: quantized format {version} is not supported (expected {FORMAT_VERSION})")
+    try:
+        meta, spec = info["model"], info["spec"]
+        backbone, backbone_kwargs = meta["backbone"], dict(meta["backbone_kwargs"])
+        config = config_from_dict(info["quant_config"]).replace(step="prepare_for_loading")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory}: {CONFIG_NAME} is not a quantized model's config ({exc})") from exc
+    bb = load_backbone(backbone, pretrained=False, **backbone_kwargs)
     if meta["type"] == "tuned":
         tuner = dict(meta["tuner"])
         config_cls, model_cls = get_method(tuner["method"])
@@ -108,8 +114,10 @@ def load_quantized(directory: str, device: str | torch.device = "cpu") -> tuple[
         model = model_cls(bb, config_cls.from_dict(keep), int(meta["num_classes"]))
     else:
         model = bb
-    config = config_from_dict(info["quant_config"]).replace(step="prepare_for_loading")
-    quantize_(model, config, spec=info["spec"])
+    try:
+        quantize_(model, config, spec=spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory}: the saved structure does not fit {backbone} ({exc})") from exc
     tensors = load_tensors(os.path.join(directory, WEIGHTS_NAME))
     for name, layer in _low_bit_layers(model).items():
         key = f"{name}.weight_codes"
