@@ -5,9 +5,10 @@
     model, info = load_compressed("out/")                    # whichever compressor wrote out/
     make_compressor_config("qwt_v2", {"bits": "w4a8", "ridge": "0.1"})               # CLI strings -> config
 
-The name is the config class's `method` ClassVar: there is no second string to keep in sync. A package under
-`thrifty.compress` registers its compressors when imported, and every such package is imported on first use of
+The name is the config class's `method` ClassVar: there is no second string to keep in sync. A module or package
+under `thrifty.compress` registers its compressors when imported, and every public one is imported on first use of
 the registry, so a new compressor lands as one registration (plus its tiny case in tests/test_compress_contract.py).
+Compressors outside thrifty call `register_compressor` themselves.
 
 What a registration provides (`Compressor` fields):
 - `apply(model, config, calib, *, filter_fn=None, **kwargs) -> None`: the in-place rewrite; `calib` is an iterable
@@ -155,11 +156,11 @@ def unregister_compressor(name: str) -> None:
 
 @functools.cache
 def _load_builtin() -> None:
-    """Import every package under thrifty.compress once: each registers its compressors on import."""
+    """Import every public module and package under thrifty.compress once: each registers its compressors."""
     import thrifty.compress as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.ispkg:
+        if not info.name.startswith("_"):
             importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
