@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from _ptq_models import batches, ptq_bert, ptq_cnn, ptq_vit, tuned
+from thrifty.backbones import BackboneSpec
 from thrifty.compress import PTQConfig, QwTConfig, QwTV2Config, load_quantized, quantize_, save_quantized
 from thrifty.compress.quant import QuantConv2d, QuantLinear, SoftmaxQuant, quant_state, set_quant_state
 from thrifty.compress.quant.layers import quant_modules
@@ -149,7 +150,7 @@ def test_save_load_round_trip(setup, method, tmp_path):
     cfg = {"ptq": base, "qwt": QwTConfig(base_config=base), "qwt_v2": QwTV2Config(base_config=base)}[method]
     q = copy.deepcopy(model)
     quantize_(q, cfg, calib_data=data)
-    save_quantized(q, str(tmp_path), backbone_spec="unused")
+    save_quantized(q, str(tmp_path), backbone=BackboneSpec("unused"))
     from thrifty.compress.quant import serialize
 
     real = serialize.load_backbone

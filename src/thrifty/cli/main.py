@@ -21,6 +21,7 @@ COMMANDS = [
     "report",
     "serve",
     "quantize",
+    "compress",
     "list",
 ]
 

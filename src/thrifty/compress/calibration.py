@@ -5,12 +5,14 @@
     quantize_(model, Config(step="convert"))            # compute scales / compensation, rewrite the model
 
 plus `step="prepare_for_loading"` (build the converted structure, then load a saved state dict). One string
-vocabulary, validated here and nowhere else.
+vocabulary, validated here and nowhere else. `protocol_handler(prepare, convert, prepare_for_loading)` turns a
+method's three steps into the `apply` of its registration (thrifty.compress.registry), so `compress_` and
+`quantize_` run the one-call form `compress_(model, config, calib_batches)` the same way for every method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -89,3 +91,45 @@ def run_calibration(model: torch.nn.Module, batches: Iterable[Any], max_samples:
     if seen == 0:
         raise ConfigError("calibration saw no samples; pass a non-empty iterable of batches")
     return seen
+
+
+StepFn = Callable[..., Any]
+
+
+def protocol_handler(
+    prepare: StepFn, convert: StepFn, prepare_for_loading: StepFn | None = None
+) -> Callable[..., None]:
+    """The registry's `apply` for a method with the three protocol steps, dispatching on `config.step`:
+
+        prepare(model, config, filter_fn)          # step="prepare" (observers in)
+        convert(model, config)                     # step="convert"
+        prepare_for_loading(model, spec, config)   # step="prepare_for_loading" (with the saved `spec`)
+
+    With `calib` (step="prepare"): prepare -> `run_calibration` on at most `config.calib_samples` samples (when the
+    config has that field) -> convert, in one call.
+    """
+
+    def apply(model: torch.nn.Module, config: Any, calib: Iterable[Any] | None = None, *, filter_fn=None, spec=None):
+        step = check_step(config.step)
+        if calib is not None:
+            if step != "prepare":
+                raise ConfigError(
+                    f"`calib_data` runs prepare -> batches -> convert; pass step='prepare', not {step!r}"
+                )
+            prepare(model, config, filter_fn)
+            run_calibration(model, calib, getattr(config, "calib_samples", None))
+            convert(model, config)
+        elif step == "prepare":
+            prepare(model, config, filter_fn)
+        elif step == "convert":
+            convert(model, config)
+        elif prepare_for_loading is None:
+            raise ConfigError(f"{type(config).__name__} has no step='prepare_for_loading'")
+        elif spec is None:
+            raise ConfigError(
+                "step='prepare_for_loading' needs the saved `spec` (use thrifty.compress.load_compressed)"
+            )
+        else:
+            prepare_for_loading(model, spec, config)
+
+    return apply

@@ -16,28 +16,19 @@ from typing import Any
 
 from torch import nn
 
-from thrifty.compress.calibration import check_step, run_calibration
-from thrifty.compress.quant.config import PTQConfig, QwTConfig, QwTV2Config
+from thrifty.compress.calibration import protocol_handler
+from thrifty.compress.quant.config import QUANT_CONFIGS, PTQConfig, QwTConfig, QwTV2Config
 from thrifty.compress.quant.ptq import FilterFn, convert_ptq_, prepare_ptq_, prepare_ptq_for_loading_
 from thrifty.compress.quant.qwt import convert_qwt_, prepare_qwt_, prepare_qwt_for_loading_
 from thrifty.compress.quant.qwt_v2 import convert_qwt_v2_, prepare_qwt_v2_, prepare_qwt_v2_for_loading_
+from thrifty.compress.registry import compress_
 from thrifty.errors import ConfigError
 
 
-_HANDLERS = {
-    PTQConfig: (prepare_ptq_, convert_ptq_, prepare_ptq_for_loading_),
-    QwTConfig: (prepare_qwt_, convert_qwt_, prepare_qwt_for_loading_),
-    QwTV2Config: (prepare_qwt_v2_, convert_qwt_v2_, prepare_qwt_v2_for_loading_),
-}
-
-
-def _handlers(config: Any):
-    if type(config) not in _HANDLERS:
-        raise ConfigError(
-            f"quantize_ takes a PTQConfig, QwTConfig or QwTV2Config, got {type(config).__name__}; build one with "
-            "thrifty.compress.make_quant_config(method, bits)"
-        )
-    return _HANDLERS[type(config)]
+# the `apply` of each quantizer's registration (thrifty.compress.quant.registration)
+apply_ptq_ = protocol_handler(prepare_ptq_, convert_ptq_, prepare_ptq_for_loading_)
+apply_qwt_ = protocol_handler(prepare_qwt_, convert_qwt_, prepare_qwt_for_loading_)
+apply_qwt_v2_ = protocol_handler(prepare_qwt_v2_, convert_qwt_v2_, prepare_qwt_v2_for_loading_)
 
 
 def quantize_(
@@ -48,28 +39,17 @@ def quantize_(
     filter_fn: FilterFn | None = None,
     spec: dict[str, Any] | None = None,
 ) -> None:
-    """Quantize `model` in place following `config.step`; see the module docstring.
+    """Quantize `model` in place following `config.step`; see the module docstring. The quantizers' spelling of
+    `thrifty.compress.compress_` (same registry dispatch), restricted to quantization configs.
 
     Args:
         calib_data: batches (inputs, or (inputs, labels) pairs) for the one-call form; needs step="prepare".
         filter_fn: torchao-style `filter_fn(module, fqn) -> bool` restricting which Linear/Conv2d are quantized.
         spec: the saved structure (only for step="prepare_for_loading").
     """
-    prepare, convert, prepare_for_loading = _handlers(config)
-    step = check_step(config.step)
-    if calib_data is not None:
-        if step != "prepare":
-            raise ConfigError(f"`calib_data` runs prepare -> batches -> convert; pass step='prepare', not {step!r}")
-        prepare(model, config, filter_fn)
-        limit = None if isinstance(config, PTQConfig) else config.calib_samples
-        run_calibration(model, calib_data, limit)
-        convert(model, config)
-        return
-    if step == "prepare":
-        prepare(model, config, filter_fn)
-    elif step == "convert":
-        convert(model, config)
-    else:
-        if spec is None:
-            raise ConfigError("step='prepare_for_loading' needs the saved `spec` (use load_quantized)")
-        prepare_for_loading(model, spec, config)
+    if type(config) not in QUANT_CONFIGS.values():
+        raise ConfigError(
+            f"quantize_ takes a PTQConfig, QwTConfig or QwTV2Config, got {type(config).__name__}; build one with "
+            "thrifty.compress.make_quant_config(method, bits), or use compress_ for other compressors"
+        )
+    compress_(model, config, calib_data, filter_fn=filter_fn, spec=spec)

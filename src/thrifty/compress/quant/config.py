@@ -36,6 +36,7 @@ def parse_bits(text: str, allowed: tuple[int, ...] = CLI_BITS) -> tuple[int, int
 
 class _QuantConfig:
     method: ClassVar[str] = ""
+    cli_flags: ClassVar[tuple[str, ...]] = ("bits",)  # `thrifty compress --method ptq --bits w4a8`
 
     def to_dict(self) -> dict[str, Any]:
         d = {}

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thrifty.backbones import Backbone, load_backbone
+from thrifty.backbones import Backbone, BackboneSpec, load_backbone
 from thrifty.compress.quant.api import quantize_
 from thrifty.compress.quant.config import FORMAT_VERSION, config_from_dict
 from thrifty.compress.quant.layers import _QuantWeightLayer
@@ -54,11 +54,11 @@ def save_quantized(
     model: nn.Module,
     directory: str,
     *,
-    backbone_spec: str | None = None,
-    backbone_kwargs: dict[str, Any] | None = None,
+    backbone: BackboneSpec | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write a converted (packed) model; `model` is a TunedModel or a Backbone."""
+    """Write a converted (packed) model; `model` is a TunedModel or a Backbone. The folder records the backbone's
+    architecture (`backbone`, default: the spec the model's backbone was loaded with), not its weights."""
     from thrifty.tuners.base import TunedModel
     from thrifty.version import __version__
 
@@ -68,6 +68,7 @@ def save_quantized(
     if any(isinstance(m, _QuantWeightLayer) and not m.packed for m in model.modules()):
         raise CheckpointError("save_quantized needs packed layers (convert with pack=True)")
     bb = model.backbone if isinstance(model, TunedModel) else model
+    spec = backbone or bb.spec or BackboneSpec(backbone_spec_of(bb))
     tensors = dict(model.state_dict())
     for name, layer in _low_bit_layers(model).items():
         key = f"{name}.weight_codes"
@@ -79,8 +80,10 @@ def save_quantized(
         "spec": state["spec"],
         "model": {
             "type": "tuned" if isinstance(model, TunedModel) else "backbone",
-            "backbone": backbone_spec or backbone_spec_of(bb),
-            "backbone_kwargs": backbone_kwargs or {},
+            "backbone": spec.name,
+            "backbone_kwargs": {
+                k: v for k, v in (("image_size", spec.image_size), ("max_length", spec.max_length)) if v
+            },
             "tuner": model.config.to_dict() if isinstance(model, TunedModel) else None,
             "num_classes": getattr(model, "num_classes", None),
             "objective": getattr(model, "objective", None),
@@ -98,10 +101,16 @@ def load_quantized(directory: str, device: str | torch.device = "cpu") -> tuple[
     from thrifty.tuners.registry import get_method, get_tuned_model
 
     info = read_json(os.path.join(directory, CONFIG_NAME))
-    if info.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{directory}: quantized format {info.get('format_version')} is not supported")
-    meta = info["model"]
-    bb = load_backbone(meta["backbone"], pretrained=False, **meta["backbone_kwargs"])
+    version = info.get("format_version") if isinstance(info, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{directory}: quantized format {version} is not supported (expected {FORMAT_VERSION})")
+    try:
+        meta, spec = info["model"], info["spec"]
+        backbone, backbone_kwargs = meta["backbone"], dict(meta["backbone_kwargs"])
+        config = config_from_dict(info["quant_config"]).replace(step="prepare_for_loading")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory}: {CONFIG_NAME} is not a quantized model's config ({exc})") from exc
+    bb = load_backbone(backbone, pretrained=False, **backbone_kwargs)
     if meta["type"] == "tuned":
         tuner = dict(meta["tuner"])
         config_cls, _ = get_method(tuner["method"])
@@ -109,8 +118,10 @@ def load_quantized(directory: str, device: str | torch.device = "cpu") -> tuple[
         model = get_tuned_model(bb, config_cls.from_dict(keep), meta["num_classes"], objective=meta.get("objective"))
     else:
         model = bb
-    config = config_from_dict(info["quant_config"]).replace(step="prepare_for_loading")
-    quantize_(model, config, spec=info["spec"])
+    try:
+        quantize_(model, config, spec=spec)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory}: the saved structure does not fit {backbone} ({exc})") from exc
     tensors = load_tensors(os.path.join(directory, WEIGHTS_NAME))
     for name, layer in _low_bit_layers(model).items():
         key = f"{name}.weight_codes"
