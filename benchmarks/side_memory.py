@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from thrifty.backbones import BackboneSpec
 from thrifty.cli.common import parse_sets, print_table
 from thrifty.cli.profile import profile_methods
 from thrifty.io import write_json
@@ -42,15 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     res = profile_methods(
-        args.backbone,
+        BackboneSpec(args.backbone, random_init=True, image_size=args.image_size),  # bytes/time do not need weights
         methods,
         batch_size=args.batch_size,
         num_classes=args.num_classes,
         steps=args.steps,
         overrides=parse_sets(args.set),
         device=args.device,
-        pretrained=False,  # random init: bytes and time do not depend on the weights
-        image_size=args.image_size,
     )
     lora = res.get("lora")
     on_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())

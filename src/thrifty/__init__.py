@@ -1,7 +1,8 @@
 """thrifty: adapt and compress large pretrained models on small budgets."""
 
-from thrifty.backbones import Backbone, load_backbone
-from thrifty.data import TaskData, load_data
+from thrifty.backbones import Backbone, BackboneSpec, load_backbone, register_backbone
+from thrifty.data import TaskData, load_data, register_dataset
+from thrifty.objectives import Objective, make_objective, register_objective
 from thrifty.tuners import (
     TunedModel,
     available_methods,
@@ -15,6 +16,8 @@ from thrifty.version import __version__
 
 __all__ = [
     "Backbone",
+    "BackboneSpec",
+    "Objective",
     "TaskData",
     "TunedModel",
     "__version__",
@@ -24,5 +27,9 @@ __all__ = [
     "load_data",
     "load_tuned_model",
     "make_config",
+    "make_objective",
+    "register_backbone",
+    "register_dataset",
     "register_method",
+    "register_objective",
 ]

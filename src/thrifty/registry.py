@@ -5,7 +5,7 @@ no second string to keep in sync; built-ins register themselves when their packa
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 from thrifty.errors import ConfigError
@@ -15,10 +15,10 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """`kind` names the table in messages; `builtins` is the module whose import registers the built-in entries
-    (imported on first lookup, so a registry never imports upward at module load)."""
+    """`kind` names the table in messages; `builtins` is the module whose import registers the built-in entries,
+    or a function that imports them (run on first lookup, so a registry never imports upward at module load)."""
 
-    def __init__(self, kind: str, builtins: str | None = None):
+    def __init__(self, kind: str, builtins: str | Callable[[], object] | None = None):
         self.kind, self.builtins = kind, builtins
         self._entries: dict[str, T] = {}
         self._loaded = builtins is None
@@ -26,8 +26,10 @@ class Registry(Generic[T]):
     def register(self, name: str, entry: T) -> T:
         if not name:
             raise ConfigError(f"a {self.kind} needs a non-empty name")
-        if name in self._entries and self._entries[name] != entry:
-            raise ConfigError(f"{self.kind} {name!r} is already registered; pick another name or unregister it")
+        if name in self._entries:
+            if self._entries[name] != entry:
+                raise ConfigError(f"{self.kind} {name!r} is already registered; pick another name or unregister it")
+            return self._entries[name]  # the same registration again (a module imported twice) is a no-op
         self._entries[name] = entry
         return entry
 
@@ -38,7 +40,7 @@ class Registry(Generic[T]):
         if not self._loaded:
             self._loaded = True  # before the import: a built-in that looks another one up must not recurse
             try:
-                importlib.import_module(self.builtins)
+                importlib.import_module(self.builtins) if isinstance(self.builtins, str) else self.builtins()
             except BaseException:
                 self._loaded = False
                 raise
@@ -59,3 +61,8 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+    def entries(self) -> dict[str, T]:
+        """{name: entry} of everything registered (built-ins loaded)."""
+        self._load()
+        return dict(self._entries)

@@ -92,15 +92,6 @@ def backbone_spec(args: argparse.Namespace):
     return BackboneSpec(args.backbone, args.checkpoint, bool(args.random_init), args.image_size, args.max_length)
 
 
-def backbone_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "checkpoint": args.checkpoint,
-        "pretrained": False if args.random_init else None,
-        "max_length": args.max_length,
-        "image_size": args.image_size,
-    }
-
-
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse argv; a `-c FILE` supplies defaults for the subcommand's flags (flags on the command line win)."""
     import sys

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, backbone_kwargs
+from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, backbone_spec
 from thrifty.errors import ConfigError
 
 
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         if not args.backbone:
             raise ConfigError("--adapter needs --backbone")
-        bb = load_backbone(args.backbone, **backbone_kwargs(args))
+        bb = load_backbone(backbone_spec(args))
     elif args.quantized:
         from thrifty.compress import load_quantized
 
@@ -78,4 +78,4 @@ def _onnx_backbone(args: argparse.Namespace):
     if args.backbone:
         return load_backbone(args.backbone, pretrained=False, max_length=args.max_length, image_size=args.image_size)
     meta = read_json(os.path.join(os.path.dirname(os.path.abspath(args.onnx)), "quantize_config.json"))["model"]
-    return load_backbone(meta["backbone"], pretrained=False, **meta["backbone_kwargs"])
+    return load_backbone(meta["backbone"], pretrained=False, **meta["backbone_spec"])

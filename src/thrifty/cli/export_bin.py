@@ -64,7 +64,7 @@ def load_lowbit_dir(directory: str, backbone=None):
 
 def run(args: argparse.Namespace) -> int:
     from thrifty.backbones import load_backbone
-    from thrifty.cli.common import backbone_kwargs
+    from thrifty.cli.common import backbone_spec
     from thrifty.errors import ConfigError
     from thrifty.tuners import get_tuned_model, make_config
     from thrifty.tuners.lowbit import LowBitModel, read_bin, write_bin
@@ -74,17 +74,15 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         if args.from_bin:
             raise ConfigError("--from-bin builds a model from --method; do not also pass an adapter directory")
-        bb = load_backbone(args.backbone, **backbone_kwargs(args)) if args.backbone else None
+        bb = load_backbone(backbone_spec(args)) if args.backbone else None
         model = load_lowbit_dir(args.adapter, bb)
     else:
         if not args.backbone or not args.num_classes:
             raise ConfigError("--method needs --backbone and --num-classes")
-        kw = backbone_kwargs(args)
-        if not args.from_bin and kw["checkpoint"] is None:
-            kw["pretrained"] = False  # sizes only: the architecture is enough
-        model = get_tuned_model(
-            load_backbone(args.backbone, **kw), make_config(args.method, args.overrides), args.num_classes
-        )
+        spec = backbone_spec(args)
+        if not args.from_bin and spec.checkpoint is None:
+            spec = spec.replace(random_init=True)  # sizes only: the architecture is enough
+        model = get_tuned_model(load_backbone(spec), make_config(args.method, args.overrides), args.num_classes)
         if not isinstance(model, LowBitModel):
             raise ConfigError(f"export-bin needs bi_lora or bi_adaptformer, not {args.method!r}")
         if args.from_bin:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, backbone_kwargs, print_table
+from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, backbone_spec, print_table
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.method) == bool(args.taps):
         raise ConfigError("pass exactly one of --method (its taps) or --taps")
-    bb = load_backbone(args.backbone, **backbone_kwargs(args))
+    bb = load_backbone(backbone_spec(args))
     seed = args.seed if args.split_seed is None else args.split_seed
     task = load_data(args.data, bb.preprocess, seed=seed, test_size=args.test_size)
     if args.method:

@@ -38,14 +38,11 @@ def method_info(backbone, method: str, overrides: dict, num_classes: int) -> dic
 
 def run(args: argparse.Namespace) -> int:
     from thrifty.backbones import load_backbone
+    from thrifty.cli.common import backbone_spec
 
-    kw = {
-        "checkpoint": args.checkpoint,
-        "pretrained": args.checkpoint is not None and not args.random_init,
-        "max_length": args.max_length,
-        "image_size": args.image_size,
-    }
-    d = method_info(load_backbone(args.backbone, **kw), args.method, args.overrides, args.num_classes)
+    spec = backbone_spec(args)
+    bb = load_backbone(spec.replace(random_init=spec.checkpoint is None or spec.random_init))  # architecture only
+    d = method_info(bb, args.method, args.overrides, args.num_classes)
     if args.json:
         print(json.dumps(d, indent=2, sort_keys=True))
     else:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from thrifty.cli.common import print_table
+from thrifty.backbones import BackboneSpec
+from thrifty.cli.common import backbone_spec, print_table
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -26,7 +27,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def profile_methods(
-    backbone: str,
+    backbone: BackboneSpec,
     methods: list[str],
     *,
     batch_size: int,
@@ -34,7 +35,6 @@ def profile_methods(
     steps: int,
     overrides: dict[str, str],
     device: str,
-    **bb: object,
 ) -> dict[str, dict]:
     """Method options apply to every method that has them; `method.key=value` targets one method."""
     import torch
@@ -51,7 +51,7 @@ def profile_methods(
         ov = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.startswith(f"{m}.")}
         ov.update({k: v for k, v in overrides.items() if "." not in k and k in fields})
         spec = {
-            "backbone": backbone,
+            "backbone": backbone.to_dict(),
             "method": m,
             "overrides": ov,
             "num_classes": num_classes,
@@ -59,7 +59,6 @@ def profile_methods(
             "timed_steps": steps,
             "device": device,
             "threads": torch.get_num_threads(),
-            **{k: v for k, v in bb.items() if v is not None},
         }
         print(f"profiling {m} ...", flush=True)
         out[m] = peak_step_memory_subprocess(spec)
@@ -72,17 +71,13 @@ def run(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     res = profile_methods(
-        args.backbone,
+        backbone_spec(args).replace(random_init=args.checkpoint is None),  # random weights unless a checkpoint
         methods,
         batch_size=args.batch_size,
         num_classes=args.num_classes,
         steps=args.steps,
         overrides=args.overrides,
         device=args.device,
-        checkpoint=args.checkpoint,
-        pretrained=None if args.checkpoint else False,
-        max_length=args.max_length,
-        image_size=args.image_size,
     )
     rows = [
         {"method": m, **r, "saved_MB": r["saved_activation_bytes"] / 2**20, "peak_MB": r["peak_memory_bytes"] / 2**20}

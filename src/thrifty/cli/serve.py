@@ -9,7 +9,7 @@ import argparse
 import ipaddress
 import sys
 
-from thrifty.cli.common import add_backbone_args, add_config_args, backbone_kwargs
+from thrifty.cli.common import add_backbone_args, add_config_args, backbone_spec
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     token = read_token(args.token_file)
     if args.threads:
         torch.set_num_threads(args.threads)
-    bb = load_backbone(args.backbone, **backbone_kwargs(args))
+    bb = load_backbone(backbone_spec(args))
     engine = GatherEngine(
         bb,
         k=args.k,

@@ -30,7 +30,6 @@ What a registration provides (`Compressor` fields):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import os
 import pkgutil
@@ -43,6 +42,7 @@ from typing import Any
 from torch import nn
 
 from thrifty.errors import CheckpointError, ConfigError
+from thrifty.registry import Registry
 
 
 DEFAULT_MANIFEST = "compress_config.json"
@@ -85,7 +85,16 @@ class Compressor:
         return self.option_help.get(option, "")
 
 
-_REGISTRY: dict[str, Compressor] = {}
+def _import_compressors() -> None:
+    """Import every public module and package under thrifty.compress: each registers its compressors."""
+    import thrifty.compress as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
+COMPRESSORS: Registry[Compressor] = Registry("compressor", builtins=_import_compressors)
 _BY_CONFIG: dict[type, Compressor] = {}
 
 
@@ -132,58 +141,45 @@ def register_compressor(
         make_config=make_config,
         **extra,
     )
-    if name in _REGISTRY:
-        if _REGISTRY[name] == entry:
-            return _REGISTRY[name]
+    if name in COMPRESSORS and COMPRESSORS.get(name) != entry:
         raise ConfigError(
-            f"compressor {name!r} is already registered (by {_REGISTRY[name].config_cls.__name__}); "
+            f"compressor {name!r} is already registered (by {COMPRESSORS.get(name).config_cls.__name__}); "
             "give the new config class another `method` name, or unregister_compressor() first"
         )
     missing = [f for f in entry.cli_flags if f not in entry.options]
     if missing:
         raise ConfigError(f"{config_cls.__name__}.cli_flags {missing} are not options of {name!r}")
-    _REGISTRY[name] = entry
+    entry = COMPRESSORS.register(name, entry)
     _BY_CONFIG[config_cls] = entry
     return entry
 
 
 def unregister_compressor(name: str) -> None:
     """Remove a registration (tests and plugins)."""
-    entry = _REGISTRY.pop(name, None)
-    if entry is None:
+    if name not in COMPRESSORS:
         raise ConfigError(f"no compressor {name!r} is registered")
+    entry = COMPRESSORS.get(name)
+    COMPRESSORS.unregister(name)
     _BY_CONFIG.pop(entry.config_cls, None)
 
 
-@functools.cache
-def _load_builtin() -> None:
-    """Import every public module and package under thrifty.compress once: each registers its compressors."""
-    import thrifty.compress as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
-
-
 def available_compressors() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return COMPRESSORS.names()
 
 
 def _listing() -> str:
-    return ", ".join(f"{n} ({e.config_cls.__name__})" for n, e in sorted(_REGISTRY.items())) or "none"
+    return ", ".join(f"{n} ({e.config_cls.__name__})" for n, e in COMPRESSORS.entries().items()) or "none"
 
 
 def get_compressor(name: str) -> Compressor:
-    _load_builtin()
-    if name not in _REGISTRY:
+    if name not in COMPRESSORS:
         raise ConfigError(f"unknown compressor {name!r}; registered: {_listing()}")
-    return _REGISTRY[name]
+    return COMPRESSORS.get(name)
 
 
 def compressor_for(config: Any) -> Compressor:
     """The entry of `type(config)` (exact type, as torchao's handler table)."""
-    _load_builtin()
+    COMPRESSORS.names()  # built-ins registered
     entry = _BY_CONFIG.get(type(config))
     if entry is None:
         raise ConfigError(
@@ -238,14 +234,14 @@ def saved_method(directory: str) -> str:
     """The compressor that wrote `directory`, read from the manifests of the registered compressors."""
     from thrifty.io import read_json
 
-    _load_builtin()
-    manifests = sorted({(e.manifest, e.config_key) for e in _REGISTRY.values()})
+    registered = COMPRESSORS.entries()
+    manifests = sorted({(e.manifest, e.config_key) for e in registered.values()})
     for manifest, key in manifests:
         path = os.path.join(directory, manifest)
         if os.path.isfile(path):
             data = read_json(path)
             method = data.get(key, {}).get("method") if isinstance(data, dict) else None
-            entry = _REGISTRY.get(method) if isinstance(method, str) else None
+            entry = registered.get(method) if isinstance(method, str) else None
             if entry is not None and (entry.manifest, entry.config_key) == (manifest, key):
                 return method
     names = ", ".join(sorted({m for m, _ in manifests}))

@@ -12,7 +12,7 @@ import torch
 
 def main() -> None:
     spec = json.loads(sys.stdin.read())
-    from thrifty.backbones import load_backbone
+    from thrifty.backbones import BackboneSpec, load_backbone
     from thrifty.metrics.memory import cpu_peak_growth, cuda_peak_step_bytes, saved_activation_bytes, training_step
     from thrifty.objectives import make_objective
     from thrifty.train.measure import objective_loss
@@ -23,13 +23,7 @@ def main() -> None:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec.get("device", "cpu"))
-    bb = load_backbone(
-        spec["backbone"],
-        checkpoint=spec.get("checkpoint"),
-        pretrained=spec.get("pretrained", False),
-        max_length=spec.get("max_length"),
-        image_size=spec.get("image_size"),
-    )
+    bb = load_backbone(BackboneSpec.from_dict(spec["backbone"]))
     objective = make_objective(spec.get("objective"))
     config = make_config(spec["method"], spec.get("overrides", {}))
     model = get_tuned_model(bb, config, spec["num_classes"], objective=objective)

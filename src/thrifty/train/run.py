@@ -94,11 +94,9 @@ def run_training(
     trainer.check_outputs(resume, overwrite)
     steps = {}
     for m in trainer.members:
-        bb_spec = getattr(bb, "spec", None) or BackboneSpec(bb.name)
+        architecture = (bb.spec or BackboneSpec(bb.name)).replace(random_init=True, checkpoint=None, token_file=None)
         spec = {
-            "backbone": bb_spec.name,
-            "max_length": bb_spec.max_length,
-            "image_size": bb_spec.image_size,
+            "backbone": architecture.to_dict(),  # random weights suffice to measure memory
             "method": method,
             "overrides": {
                 **overrides,
