@@ -100,6 +100,7 @@ def test_train_writes_results_then_eval_agrees(tmp_path, capsys):
         "100",
         "--adapter",
         out,
+        "--json",
     )
     assert code == 0, err
     assert json.loads(printed)["accuracy"] == pytest.approx(m["test_accuracy"])
@@ -123,7 +124,7 @@ def test_profile_orders_saved_bytes(tmp_path, capsys):
         "4",
         "--steps",
         "1",
-        "--json",
+        "--output",
         path,
     )
     assert code == 0, err

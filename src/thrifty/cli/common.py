@@ -4,6 +4,8 @@ options, argument groups for backbone / data / training, and saving the resolved
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from typing import Any
 
 from thrifty.errors import ConfigError
@@ -92,6 +94,36 @@ def backbone_spec(args: argparse.Namespace):
     return BackboneSpec(args.backbone, args.checkpoint, bool(args.random_init), args.image_size, args.max_length)
 
 
+def backbone_for_run(args: argparse.Namespace, directory: str | None):
+    """The backbone flags completed from the saved run in `directory` (its BackboneSpec): a flag left out takes
+    the saved value; a flag that contradicts the saved value wins, with a warning on stderr."""
+    import sys
+
+    from thrifty.backbones import BackboneSpec
+    from thrifty.tuners.base import saved_backbone_spec
+
+    saved = saved_backbone_spec(directory) if directory else None
+    if saved is None:
+        if not args.backbone:
+            raise ConfigError(f"pass --backbone: {directory or 'the command'} does not record which backbone it used")
+        return backbone_spec(args)
+    given = {
+        "name": args.backbone,
+        "checkpoint": args.checkpoint,
+        "image_size": args.image_size,
+        "max_length": args.max_length,
+        "random_init": True if args.random_init else None,
+    }
+    for key, value in given.items():
+        if value is not None and value != getattr(saved, key):
+            flag = "--" + ("backbone" if key == "name" else key.replace("_", "-"))
+            print(
+                f"thrifty: {flag} {value} differs from {directory}'s {getattr(saved, key)}; using {value}",
+                file=sys.stderr,
+            )
+    return BackboneSpec(**{**saved.to_dict(), **{k: v for k, v in given.items() if v is not None}})
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """Parse argv; a `-c FILE` supplies defaults for the subcommand's flags (flags on the command line win)."""
     import sys
@@ -125,8 +157,41 @@ def resolved_config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
+CONFIG_FILE = "config.yaml"
+
+
+def save_config(args: argparse.Namespace, directory: str, name: str = CONFIG_FILE) -> str:
+    """The command's resolved flags as `directory/config.yaml` (`-c` takes it back); returns the path."""
+    import yaml
+
+    from thrifty.io import write_text
+
+    os.makedirs(directory or ".", exist_ok=True)
+    path = os.path.join(directory, name)
+    write_text(path, yaml.safe_dump({"command": args.command, **resolved_config(args)}, sort_keys=True))
+    return path
+
+
+def add_json_flag(parser: argparse.ArgumentParser) -> None:
+    """`--json` means the same on every command: print the full result as JSON on stdout instead of the short
+    human summary (files are written either way)."""
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON instead of a summary")
+
+
+def emit(args: argparse.Namespace, data: Any, summary: str) -> None:
+    """Print `summary` for people, or `data` as JSON with --json."""
+    print(json.dumps(data, indent=2, default=str) if getattr(args, "json", False) else summary)
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     """Plain Markdown table; returns the text it printed."""
+    text = format_table(rows, columns)
+    print(text)
+    return text
+
+
+def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """Plain Markdown table of `rows` (column key, title); numbers formatted for reading."""
 
     def fmt(v: Any) -> str:
         if isinstance(v, float):
@@ -138,6 +203,4 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> s
     head = "| " + " | ".join(title for _, title in columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(fmt(r.get(key)) for key, _ in columns) + " |" for r in rows]
-    text = "\n".join([head, sep, *body])
-    print(text)
-    return text
+    return "\n".join([head, sep, *body])

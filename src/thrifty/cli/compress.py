@@ -12,7 +12,7 @@ import os
 import typing
 import warnings
 
-from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, backbone_spec
+from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, backbone_for_run
 from thrifty.errors import ConfigError
 
 
@@ -26,7 +26,7 @@ def register(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_args(p)
-    add_backbone_args(p)
+    add_backbone_args(p, required=False)  # default: the backbone --adapter was trained on
     add_data_args(p)
     p.add_argument("--method", required=True, choices=available_compressors(), help="registered compressor")
     add_run_args(p)
@@ -143,7 +143,7 @@ def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typ
     if args.onnx and entry.export_onnx is None:
         exporters = [n for n in available_compressors() if get_compressor(n).export_onnx is not None]
         raise ConfigError(f"--onnx: {method} has no ONNX export (compressors that export: {', '.join(exporters)})")
-    bb = load_backbone(backbone_spec(args))
+    bb = load_backbone(backbone_for_run(args, args.adapter))
     seed = args.seed if args.split_seed is None else args.split_seed
     task = load_data(args.data, bb.preprocess, seed=seed, test_size=args.test_size)
     if entry.cli_model is not None:

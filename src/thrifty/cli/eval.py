@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, backbone_spec
-from thrifty.errors import ConfigError
+from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, add_json_flag, backbone_for_run, emit
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -23,7 +21,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the 1k split draw (use the training seed)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="also write the result to this file")
+    p.add_argument("--output", help="also write the result to this JSON file")
+    add_json_flag(p)
     return p
 
 
@@ -36,9 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.tuners import load_tuned_model
 
     if args.adapter:
-        if not args.backbone:
-            raise ConfigError("--adapter needs --backbone")
-        bb = load_backbone(backbone_spec(args))
+        bb = load_backbone(backbone_for_run(args, args.adapter))
     elif args.quantized:
         from thrifty.compress import load_quantized
 
@@ -62,9 +59,10 @@ def run(args: argparse.Namespace) -> int:
         res = evaluate(model.to(resolve_device(args.device)), split, args.batch_size, progress=True)
     source = {"adapter": args.adapter} if args.adapter else {"quantized": args.quantized, "onnx": args.onnx}
     out = {**source, "data": task.name, "split": args.split, **res}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        write_json(args.json, out)
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float))
+    emit(args, out, f"{task.name} {args.split}: {metrics} ({res.get('samples')} samples)")
+    if args.output:
+        write_json(args.output, out)
     return 0
 
 

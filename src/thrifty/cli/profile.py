@@ -6,13 +6,14 @@ peak memory (CUDA max allocated, or CPU resident-set growth), seconds per step, 
 from __future__ import annotations
 
 import argparse
+import os
 
 from thrifty.backbones import BackboneSpec
-from thrifty.cli.common import backbone_spec, print_table
+from thrifty.cli.common import backbone_spec, emit, format_table, save_config
 
 
 def register(sub) -> argparse.ArgumentParser:
-    from thrifty.cli.common import add_backbone_args, add_config_args
+    from thrifty.cli.common import add_backbone_args, add_config_args, add_json_flag
 
     p = sub.add_parser("profile", help="memory and time of one training step per method", description=__doc__)
     add_config_args(p)
@@ -22,7 +23,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="write the per-method results to this JSON file")
+    p.add_argument("--output", help="write the per-method results to this JSON file (config.yaml beside it)")
+    add_json_flag(p)
     return p
 
 
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         {"method": m, **r, "saved_MB": r["saved_activation_bytes"] / 2**20, "peak_MB": r["peak_memory_bytes"] / 2**20}
         for m, r in res.items()
     ]
-    print_table(
+    table = format_table(
         rows,
         [
             ("method", "method"),
@@ -93,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
             ("step_seconds", "s / step"),
         ],
     )
-    if args.json:
-        write_json(
-            args.json,
-            {
-                "backbone": args.backbone,
-                "batch_size": args.batch_size,
-                "methods": res,
-                "env": environment(args.device if args.device != "auto" else "cpu"),
-            },
-        )
+    data = {
+        "backbone": args.backbone,
+        "batch_size": args.batch_size,
+        "methods": res,
+        "env": environment(args.device if args.device != "auto" else "cpu"),
+    }
+    emit(args, data, table)
+    if args.output:
+        write_json(args.output, data)
+        save_config(args, os.path.dirname(args.output), os.path.basename(args.output) + ".config.yaml")
     return 0

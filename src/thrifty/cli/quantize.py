@@ -24,7 +24,7 @@ def register(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_config_args(p)
-    add_backbone_args(p)
+    add_backbone_args(p, required=False)  # default: the backbone --adapter was trained on
     add_data_args(p)
     p.add_argument("--bits", default="w8a8", help="w{4,6,8}a{4,6,8}: weight and activation bits")
     p.add_argument("--method", default="ptq", choices=list(QUANTIZERS))

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
-from thrifty.cli.common import add_config_args, add_options, backbone_spec, resolved_config, train_config
+from thrifty.cli.common import (
+    add_config_args,
+    add_json_flag,
+    add_options,
+    backbone_spec,
+    emit,
+    save_config,
+    train_config,
+)
 from thrifty.train.options import TRAIN_COMMAND
 
 
@@ -19,20 +25,15 @@ def register(sub) -> argparse.ArgumentParser:
     )
     add_config_args(p)
     add_options(p, TRAIN_COMMAND)
+    add_json_flag(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from thrifty.io import write_text
     from thrifty.train import run_training
-
-    os.makedirs(args.output, exist_ok=True)
-    cfg = resolved_config(args)
-    text = yaml.safe_dump(cfg, sort_keys=True)
-    write_text(os.path.join(args.output, "config.yaml"), text)
     from thrifty.train.members import parse_sweep
+
+    save_config(args, args.output)
 
     results = run_training(
         backbone=backbone_spec(args),
@@ -54,8 +55,27 @@ def run(args: argparse.Namespace) -> int:
         token_file=args.token_file,
     )
     if args.sweep:
-        print(results["table"])
-        print(results["selection"] + (f": {results['selected']}" if results["selected"] else ""))
+        summary = (
+            results["table"]
+            + "\n"
+            + results["selection"]
+            + (f": {results['selected']}" if results["selected"] else "")
+        )
+        emit(args, {k: v for k, v in results.items() if k != "table"}, summary)
     elif "metrics" in results:
-        print(json.dumps({k: v for k, v in results["metrics"].items()}, indent=2))
+        emit(args, results["metrics"], run_summary(results, args.output))
     return 0
+
+
+def run_summary(results: dict, output: str) -> str:
+    """Two lines: the objective's test metrics, then the costs and where the files are."""
+    m = results["metrics"]
+    tests = ", ".join(f"{k[5:]} {v:.4f}" for k, v in m.items() if k.startswith("test_") and isinstance(v, float))
+    costs = [
+        f"{m['trainable_params']:,d} trainable params",
+        f"adapter {m.get('adapter_bytes', 0) / 1e6:.2f} MB",
+        f"{m['seconds_per_epoch']:.1f} s/epoch",
+    ]
+    return (
+        f"test: {tests} ({m.get('test_samples')} samples)\n" + ", ".join(costs) + f"; results: {output}/results.json"
+    )

@@ -15,7 +15,7 @@ from thrifty.runtime import MALLOC_MODES, tune_malloc
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 32  # global batch: split across torchrun ranks
-    lr: float = 1e-3
+    lr: float | None = None  # None: the method's default (TunerConfig.default_lr: 1e-3; full 1e-4)
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     min_lr: float = 1e-6
@@ -36,7 +36,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"`{name}` must be positive, got {getattr(self, name)!r}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"`lr` must be positive, got {self.lr!r}")
         if self.malloc not in MALLOC_MODES:
             raise ConfigError(f"`malloc` must be one of {MALLOC_MODES}, got {self.malloc!r}")

@@ -63,7 +63,7 @@ METHOD = (
 TRAINING = (
     Option("--epochs", "training", int, 10),
     Option("--batch-size", "training", int, 32, help="global batch (split across torchrun ranks)"),
-    Option("--lr", "training", float, 1e-3),
+    Option("--lr", "training", float, help="default: the method's (1e-3; full fine-tuning 1e-4)"),
     Option("--weight-decay", "training", float, 1e-4),
     Option("--warmup-epochs", "training", float, 1.0),
     Option("--min-lr", "training", float, 1e-6),

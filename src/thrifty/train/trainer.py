@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from thrifty.tuners.side import require_side
 
 
 RESULTS_NAME = "results.json"
+WARMUP_STEPS = 3  # first steps of a session: allocator, kernels and caches warm up; timed apart from the rest
 
 
 @dataclass
@@ -116,6 +117,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         for m in self.members:
             m.model.to(self.device)
+            if m.train.lr is None:  # the method's own default (1e-3; full fine-tuning 1e-4)
+                m.train = replace(m.train, lr=getattr(getattr(m.model, "config", None), "default_lr", 1e-3))
         self.train_set = task.split(config.train_role)
         self.sampler = self.objective.sampler(
             self.train_set.labels, config.batch_size, config.seed, rank=self.dist.rank, world_size=self.dist.world_size
@@ -127,6 +130,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self.ddp = self._wrap_ddp()
         self.start_epoch = 0
+        self.steps_run = 0  # this session
+        self.warmup: dict[str, float] = {}  # {'steps': W, 'seconds': time of this session's first W steps}
 
     @property
     def model(self) -> nn.Module:
@@ -257,6 +262,7 @@ class Trainer:
         sums, n = [0.0] * len(self.members), 0
         desc = f"{'sweep ' if self.shared else ''}epoch {epoch + 1}/{cfg.epochs}"
         bar = tqdm(self.loader, desc=desc, disable=not (cfg.progress and self.dist.is_main), leave=False)
+        t0 = time.perf_counter()
         for i, (inputs, labels) in enumerate(bar):
             inputs, labels = to_device(inputs, self.device), labels.to(self.device)
             targets = self.objective.targets(inputs, labels)
@@ -268,7 +274,26 @@ class Trainer:
             n += len(labels)
             if self.single:
                 bar.set_postfix(loss=f"{sums[0] / n:.4f}")
+            self._time_steps(epoch, i, time.perf_counter() - t0)
         return [s / max(1, n) for s in sums]
+
+    def _time_steps(self, epoch: int, i: int, elapsed: float) -> None:
+        """Times this session's first WARMUP_STEPS steps apart, and after as many steady steps again prints an
+        estimate of the whole run (steady seconds per step x steps left)."""
+        self.steps_run += 1
+        if epoch != self.start_epoch:
+            return
+        w = min(WARMUP_STEPS, max(1, self.steps_per_epoch // 2))
+        if i + 1 == w:
+            self.warmup = {"steps": w, "seconds": elapsed}
+        elif i + 1 == 2 * w and self.warmup and self.dist.is_main and self.cfg.progress:
+            per_step = (elapsed - self.warmup["seconds"]) / w
+            left = (self.cfg.epochs - self.start_epoch) * self.steps_per_epoch - (i + 1)
+            total = elapsed + per_step * left
+            tqdm.write(
+                f"estimate: {per_step:.2f} s per step after a {w}-step warm-up ({self.warmup['seconds']:.1f} s); "
+                f"about {_duration(total)} of training for {self.cfg.epochs - self.start_epoch} epoch(s)"
+            )
 
     def _step(self, m: Member, batch: Any, targets: torch.Tensor, epoch: int, i: int) -> float:
         cfg = m.train
@@ -317,6 +342,21 @@ class Trainer:
                 f"{status}"
             )
 
+    def _timing(self, m: Member, epochs_this_session: int) -> dict[str, Any]:
+        """`seconds_per_epoch` without the warm-up: this session's epochs minus its first WARMUP_STEPS steps,
+        per steady step, times the steps of an epoch (the mean of the recorded epochs when nothing ran now)."""
+        secs = [h["seconds"] for h in m.history]
+        session = secs[len(secs) - epochs_this_session :] if epochs_this_session else []
+        steady_steps = self.steps_run - self.warmup.get("steps", 0)
+        if session and self.warmup and steady_steps > 0:
+            per_step = (sum(session) - self.warmup["seconds"]) / steady_steps
+            return {
+                "seconds_per_epoch": per_step * self.steps_per_epoch,
+                "warmup_steps": self.warmup["steps"],
+                "warmup_seconds": self.warmup["seconds"],
+            }
+        return {"seconds_per_epoch": sum(secs) / max(1, len(secs))}
+
     def _finish(self, epoch_times: list[float]) -> dict[str, Any]:
         for m in self.members:
             if self.cfg.select_on_val and m.best_state is not None and m.failed is None:
@@ -336,15 +376,23 @@ class Trainer:
             if self.cfg.select_on_val and self.dist.is_main:
                 out.update(selected_epoch=m.best["epoch"])
                 out[f"val_{self.objective.selection_metric}"] = m.best["value"]
-            secs = [h["seconds"] for h in m.history]
-            out["seconds_per_epoch"] = sum(secs) / max(1, len(secs))
+            out.update(self._timing(m, len(epoch_times)))
             out["samples_per_second"] = len(self.train_set) / max(1e-9, out["seconds_per_epoch"])
             out["train_samples"] = len(self.train_set)
+            out.update(
+                world_size=self.dist.world_size,
+                global_batch_size=self.cfg.batch_size,
+                per_rank_batch_size=-(-self.cfg.batch_size // self.dist.world_size),
+            )
             if not self.single:
                 out["sweep_members"] = len(self.members)
             outs.append(out)
         barrier(self.dist)
         return outs[0] if self.single else {m.name: o for m, o in zip(self.members, outs)}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _legacy_run(state: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from thrifty.backbones import Backbone, Inputs
+from thrifty.backbones import Backbone, BackboneSpec, Inputs
 from thrifty.errors import CheckpointError
 from thrifty.io import load_tensors, read_json, save_tensors, write_json
 from thrifty.tuners.config import TunerConfig
@@ -142,6 +142,8 @@ class TunedModel(nn.Module):
             backbone_checkpoint_hash=self.backbone.checkpoint_hash,
             backbone_source=self.backbone.source,
         )
+        if self.backbone.spec is not None:  # how to rebuild the backbone: `thrifty eval/quantize` read it back
+            cfg["backbone_spec"] = self.backbone.spec.replace(token_file=None).to_dict()
         return cfg
 
     def save_pretrained(self, directory: str) -> None:
@@ -213,4 +215,25 @@ class TunedModel(nn.Module):
         }
 
 
-_SAVED_EXTRA = {"base_model_name_or_path", "num_classes", "objective", "backbone_checkpoint_hash", "backbone_source"}
+_SAVED_EXTRA = {
+    "base_model_name_or_path",
+    "num_classes",
+    "objective",
+    "backbone_checkpoint_hash",
+    "backbone_source",
+    "backbone_spec",
+}
+
+
+def saved_backbone_spec(directory: str) -> BackboneSpec | None:
+    """The BackboneSpec a saved adapter directory was trained on (None for files that predate it or come from
+    stock peft): thrifty_config.json (PEFT-native LoRA) or adapter_config.json."""
+    from thrifty.tuners.peft_format import THRIFTY_CONFIG_NAME
+
+    for name in (THRIFTY_CONFIG_NAME, CONFIG_NAME):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            spec = read_json(path).get("backbone_spec")
+            if spec:
+                return BackboneSpec.from_dict(spec)
+    return None

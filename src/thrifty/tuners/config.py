@@ -22,6 +22,7 @@ class TunerConfig:
 
     method: ClassVar[str] = ""
     aliases: ClassVar[dict[str, str]] = {}
+    default_lr: ClassVar[float] = 1e-3  # the learning rate a run uses when none is given (TrainConfig.lr = None)
 
     inference_mode: bool = field(default=False, metadata={"help": "True in saved configs (PEFT convention)."})
 

@@ -28,6 +28,7 @@ class FullConfig(TunerConfig):
     """Every backbone parameter trains; `bn_stats` says whether BatchNorm running statistics update."""
 
     method: ClassVar[str] = "full"
+    default_lr: ClassVar[float] = 1e-4  # every weight moves: the adapters' 1e-3 destroys the pretrained features
 
     bn_stats: str = field(default="frozen", metadata={"help": "frozen | update (BatchNorm running statistics)"})
 
