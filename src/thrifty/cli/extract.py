@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import argparse
 
-from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, backbone_spec, print_table
+from thrifty.cli.common import (
+    add_backbone_args,
+    add_config_args,
+    add_data_args,
+    backbone_spec,
+    print_table,
+    save_config,
+)
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -45,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.method) == bool(args.taps):
         raise ConfigError("pass exactly one of --method (its taps) or --taps")
+    save_config(args, args.output)
     bb = load_backbone(backbone_spec(args))
     seed = args.seed if args.split_seed is None else args.split_seed
     task = load_data(args.data, bb.preprocess, seed=seed, test_size=args.test_size)
