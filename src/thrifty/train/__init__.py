@@ -3,8 +3,9 @@
 
 from thrifty.train.config import TrainConfig
 from thrifty.train.evaluate import evaluate, evaluate_many
+from thrifty.train.members import Member
 from thrifty.train.run import run_training
-from thrifty.train.trainer import RESULTS_NAME, Member, Trainer
+from thrifty.train.trainer import RESULTS_NAME, Trainer
 
 
 __all__ = ["RESULTS_NAME", "Member", "TrainConfig", "Trainer", "evaluate", "evaluate_many", "run_training"]

@@ -7,17 +7,50 @@ from __future__ import annotations
 import itertools
 import re
 import typing
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import nn
 
 from thrifty.errors import ConfigError
 from thrifty.objectives import Objective
 from thrifty.train.config import TrainConfig
-from thrifty.train.trainer import Member
 from thrifty.tuners import get_method, get_tuned_model, make_config
 from thrifty.values import coerce
+
+
+@dataclass
+class Member:
+    """One model trained by the Trainer: its recipe (lr etc. may differ between sweep members), its output
+    directory, optimizer, history, best epoch on val and, if its loss stopped being finite, why."""
+
+    model: nn.Module
+    train: TrainConfig
+    name: str = ""
+    values: dict[str, str] = field(default_factory=dict)
+    output_dir: str | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "value": None})
+    best_state: dict[str, torch.Tensor] | None = None
+    failed: str | None = None
+
+    def live_state(self) -> dict[str, torch.Tensor]:
+        """What training changes: trainable parameters and, where the backbone's statistics train (BatchNorm in
+        full fine-tuning), those buffers (`TunedModel._saved_tensors`)."""
+        if hasattr(self.model, "_saved_tensors"):
+            return self.model._saved_tensors()
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def state_copy(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().to("cpu", copy=True) for n, t in self.live_state().items()}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        live = self.live_state()
+        with torch.no_grad():
+            for k, v in state.items():
+                live[k].copy_(v)
 
 
 TRAIN_KEYS = ("lr", "weight_decay", "warmup_epochs", "min_lr", "grad_clip", "label_smoothing")

@@ -24,8 +24,8 @@ from thrifty.runtime import resolve_device
 from thrifty.train.checkpoint import CHECKPOINT_NAME
 from thrifty.train.config import TrainConfig
 from thrifty.train.measure import measure_step
-from thrifty.train.members import build_members, summarize
-from thrifty.train.trainer import RESULTS_NAME, Member, Trainer
+from thrifty.train.members import Member, build_members, summarize
+from thrifty.train.trainer import RESULTS_NAME, Trainer
 from thrifty.tuners import TunedModel, get_method, get_tuned_model, make_config
 from thrifty.tuners.side import require_side
 

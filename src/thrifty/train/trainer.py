@@ -16,7 +16,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -32,45 +32,13 @@ from thrifty.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, member_pr
 from thrifty.train.config import TrainConfig, apply_malloc
 from thrifty.train.distributed import DistInfo, barrier, broadcast_flag, init_distributed
 from thrifty.train.evaluate import evaluate_many, objective_of
+from thrifty.train.members import Member
 from thrifty.train.optim import build_optimizer, cosine_lr, set_lr
 from thrifty.tuners.side import require_side
 
 
 RESULTS_NAME = "results.json"
 WARMUP_STEPS = 3  # first steps of a session: allocator, kernels and caches warm up; timed apart from the rest
-
-
-@dataclass
-class Member:
-    """One model trained by the Trainer: its recipe (lr etc. may differ between sweep members), its output
-    directory, optimizer, history, best epoch on val and, if its loss stopped being finite, why."""
-
-    model: nn.Module
-    train: TrainConfig
-    name: str = ""
-    values: dict[str, str] = field(default_factory=dict)
-    output_dir: str | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "value": None})
-    best_state: dict[str, torch.Tensor] | None = None
-    failed: str | None = None
-
-    def live_state(self) -> dict[str, torch.Tensor]:
-        """What training changes: trainable parameters and, where the backbone's statistics train (BatchNorm in
-        full fine-tuning), those buffers (`TunedModel._saved_tensors`)."""
-        if hasattr(self.model, "_saved_tensors"):
-            return self.model._saved_tensors()
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def state_copy(self) -> dict[str, torch.Tensor]:
-        return {n: t.detach().to("cpu", copy=True) for n, t in self.live_state().items()}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        live = self.live_state()
-        with torch.no_grad():
-            for k, v in state.items():
-                live[k].copy_(v)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, model: nn.Module, grad_clip: float | None):
