@@ -172,3 +172,21 @@ def test_demo_bar_chart_names_and_values_readable(tmp_path, monkeypatch):
     assert "minilm" in seen["title"] and "1 epoch," in seen["title"]
     sub = " ".join(t.get_text() for t in seen["fig"].texts)
     assert "CPU (AMD EPYC, 2 cores), torch 2.14.1" in sub
+
+
+GPU_ENV = {"gpu": "NVIDIA H100 80GB HBM3", "cpu_count": 16, "versions": {"torch": "2.14.1"}}
+CPU_ENV = {"device": "cpu", "cpu_model": "AMD EPYC", "cpu_count": 2, "versions": {"torch": "2.14.1"}}
+
+
+@pytest.mark.parametrize(
+    "env, words",
+    [
+        (GPU_ENV, "GPU (NVIDIA H100 80GB HBM3), torch 2.14.1"),
+        (CPU_ENV, "CPU (AMD EPYC, 2 cores), torch 2.14.1"),
+        ({}, "CPU"),
+    ],
+)
+def test_machine_in_words(env, words):
+    from thrifty.bench.report import env_words
+
+    assert env_words(env) == words
