@@ -72,6 +72,22 @@ def test_labelled_ticks_enclose_the_data(values, kind, unit):
     assert any(unit in text for _, text in ticks)
 
 
+@pytest.mark.parametrize(
+    "kind, v, text",
+    [
+        ("bytes", 7.57 * 2**20, "7.57 MiB"),
+        ("bytes", 512.0, "512 B"),
+        ("bytes", 0.0, "0"),
+        ("count", 6794.0, "6.79K"),
+        ("seconds", 0.16, "0.16 s"),
+        ("seconds", 3000.0, "3000 s"),  # not 3e+03 s
+        ("percent", 20.5, "20.5 %"),
+    ],
+)
+def test_values_in_human_units(kind, v, text):
+    assert figures.format_value(kind, v) == text
+
+
 def test_log_ticks_thin_out_but_still_enclose():
     lo, hi = 27e3, 52e6
     for n in (6, 4, 3):

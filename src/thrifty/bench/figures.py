@@ -55,10 +55,15 @@ def format_value(kind: str, v: float, unit: tuple[float, str] | None = None) -> 
         text = f"{v / div:.3g}"
         return text + (f" {name}" if kind == "bytes" and v != 0 else name if v != 0 else "")
     if kind == "seconds":
-        return f"{v:.3g} s" if v != 0 else "0"
+        return f"{_num(v)} s" if v != 0 else "0"
     if kind == "percent":
-        return f"{v:.3g} %"
-    return f"{v:.3g}"
+        return f"{_num(v)} %"
+    return _num(v)
+
+
+def _num(v: float) -> str:
+    """3 significant digits, never scientific notation for large numbers (2000, not 2e+03)."""
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
 def _unit(kind: str, vmax: float) -> tuple[float, str]:
