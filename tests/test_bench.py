@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,77 @@ def test_methods_missing_a_group_get_per_group_plots(results_dir, tmp_path, monk
     assert drawn["accuracy_vs_saved_bytes-A.png"] == ["m", "m2"]
     assert len(out["plots"]) == 9 and all(os.path.getsize(p) > 1000 for p in out["plots"])
     assert "per-group plots" in Path(out["markdown"]).read_text()
+
+
+def _fail_cells(root: str, task: str | None = None) -> None:
+    """Turn the complete cells of `task` (all tasks: None) into failed ones."""
+    for results in Path(root).glob(f"{task or '*'}/*/seed*/{RESULTS}"):
+        results.unlink()
+        (results.parent / FAILED).write_text(json.dumps({"returncode": 1, "stderr_tail": "DataError: not found"}))
+
+
+def _figure_spy(monkeypatch) -> dict:
+    """Records, per plot file written, its title texts, the axes' text artists and the x scale."""
+    from thrifty.bench import plots
+
+    seen = {}
+    original = plots.save
+
+    def spy(fig, path):
+        ax = fig.axes[0]
+        seen[os.path.basename(path)] = {
+            "title": fig._suptitle.get_text() + " | " + ax.get_title(),
+            "texts": [t.get_text() for t in ax.texts],
+            "xscale": ax.get_xscale(),
+        }
+        return original(fig, path)
+
+    monkeypatch.setattr(plots, "save", spy)
+    return seen
+
+
+def test_every_plot_has_points_titles_in_words_and_labelled_points(results_dir, monkeypatch):
+    seen = _figure_spy(monkeypatch)
+    out = build_report(results_dir)
+    drawn = {os.path.basename(p) for p in out["plots"]}
+    assert drawn == set(seen) and len(drawn) == 9  # `bad` lacks group A: overall + per-group plots
+    saved = seen["accuracy_vs_saved_bytes.png"]
+    assert saved["title"].startswith("toy: top-1 % vs bytes saved for backward | 2 methods")
+    assert "CPU (2 cores), torch 2.14.1" in saved["title"]
+    assert "shared machine: load 0.5 to 3.5 on 2 cores" in seen["accuracy_vs_train_time.png"]["title"]
+    assert sorted(saved["texts"]) == ["m", "m2"]  # every point labelled
+    assert sorted(seen["accuracy_vs_saved_bytes-B.png"]["texts"]) == ["bad", "m", "m2"]
+    # bytes saved: 1000 (m) vs 10 (m2): two decades -> log; the same 4096 adapter bytes and 4 s everywhere -> linear
+    assert saved["xscale"] == "log"
+    assert seen["accuracy_vs_adapter_bytes.png"]["xscale"] == "linear"
+    assert seen["accuracy_vs_train_time.png"]["xscale"] == "linear"
+
+
+def test_no_empty_overall_plot_and_no_link_to_a_missing_file(results_dir, tmp_path):
+    docs = tmp_path / "docs" / "benchmarks.md"
+    first = build_report(results_dir, docs=str(docs))
+    assert "accuracy_vs_train_time.png" in {os.path.basename(p) for p in first["plots"]}
+    _fail_cells(results_dir, "t3")  # group B (t3) fails for every method: no method has a mean of group means
+    out = build_report(results_dir, docs=str(docs))
+    names = sorted(os.path.basename(p) for p in out["plots"])
+    assert names == [
+        "accuracy_vs_adapter_bytes-A.png",
+        "accuracy_vs_saved_bytes-A.png",
+        "accuracy_vs_train_time-A.png",
+    ]
+    report_dir = os.path.dirname(out["markdown"])
+    # the earlier report's overall plots are gone from both folders, not left behind unlinked
+    assert sorted(f for f in os.listdir(report_dir) if f.endswith(".png")) == names
+    assert sorted(f for f in os.listdir(docs.parent / "benchmarks") if f.endswith(".png")) == names
+    for page, folder in ((Path(out["markdown"]), report_dir), (docs, str(docs.parent))):
+        text = page.read_text()
+        links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+        assert len(links) == 3 and all(os.path.exists(os.path.join(folder, link)) for link in links)
+        assert "overall plots are left out" in text and "No plot for B" in text
+    _fail_cells(results_dir)  # nothing complete at all: no plot, and the page says so
+    out = build_report(results_dir, docs=str(docs))
+    assert out["plots"] == [] and not [f for f in os.listdir(report_dir) if f.endswith(".png")]
+    assert "No trade-off plots" in docs.read_text() and "![" not in docs.read_text()
 
 
 def test_pareto_front():

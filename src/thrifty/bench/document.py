@@ -8,13 +8,15 @@ import shutil
 from typing import Any
 
 from thrifty.bench.collect import CellResult, aggregate, collect, metric_label
-from thrifty.bench.plots import PLOTS, plot_tradeoffs
+from thrifty.bench.plots import PLOTS, group_slug, plot_tradeoffs, remove_stale_plots
 from thrifty.bench.report import (
     caption,
     cells_csv,
     csv_table,
+    describe_env,
     env_tag,
     fmt_cost,
+    load_note,
     markdown_table,
     provenance,
     recipes_table,
@@ -79,6 +81,39 @@ def failures(cells: list[CellResult]) -> str:
     return "\n".join(out)
 
 
+def tradeoff_text(plots: list[str], groups: list[str]) -> str:
+    """What the plots below show, and which are left out and why (a plot without points is not written)."""
+    overall_names = {fname for fname, *_ in PLOTS.values()}
+    overall = [p for p in plots if os.path.basename(p) in overall_names]
+    if not plots:
+        return "No trade-off plots: no method has a complete run with its costs recorded yet (see the table above)."
+    point = (
+        "Each point is one method, labelled with its name; red points joined by the step line form the Pareto front "
+        "(no other method is both cheaper and better). A cost axis is logarithmic where the costs span a decade or "
+        "more and linear where they do not."
+    )
+    if not overall:
+        names = {os.path.basename(p) for p in plots}
+        empty = [g for g in groups if not any(n.endswith(f"-{group_slug(g)}.png") for n in names)]
+        return (
+            f"{point} No method finished every group, so there is no mean of group means and the overall plots are "
+            "left out; the per-group plots (`...-<group>.png`) place each method by that group's mean (± std over "
+            "seeds) and its costs over that group's tasks."
+            + (f" No plot for {', '.join(empty)}: no method finished every task of it." if empty else "")
+        )
+    text = f"{point} y = mean of group means (± std over seeds), x = a cost averaged over tasks."
+    if len(plots) > len(overall):
+        text += (
+            "\n\nMethods that finished only some groups have no mean of group means, so they are missing from the "
+            "first plots; the per-group plots (`...-<group>.png`) place every method by that group's mean and its "
+            "costs over that group's tasks."
+        )
+    missing = len(PLOTS) - len(overall)
+    if missing:
+        text += f" {missing} overall plot(s) left out: no method with a mean of group means recorded that cost."
+    return text
+
+
 def render(layout, rows, cells, prov, plots: list[str], md_dir: str, heading: str, note: str = "") -> str:
     rel = [os.path.relpath(p, md_dir) for p in plots]
     parts = [f"# {heading}", ""]
@@ -90,20 +125,7 @@ def render(layout, rows, cells, prov, plots: list[str], md_dir: str, heading: st
     fails = failures(cells)
     if fails:
         parts += ["### Failed runs", "", fails, ""]
-    parts += ["## Trade-offs", ""]
-    parts += [
-        "Each point is one method: y = mean of group means (± std over seeds), x = a cost averaged over tasks; "
-        "red points joined by the step line form the Pareto front (no other method is both cheaper and more "
-        "accurate).",
-        "",
-    ]
-    if len(plots) > len(PLOTS):
-        parts += [
-            "Methods that finished only some groups have no mean of group means, so they are missing from the first "
-            "plots; the per-group plots (`...-<group>.png`) place every method by that group's mean and its costs "
-            "over that group's tasks.",
-            "",
-        ]
+    parts += ["## Trade-offs", "", tradeoff_text(plots, layout.groups), ""]
     parts += [f"![{os.path.splitext(os.path.basename(r))[0]}]({r})" for r in rel] + [""]
     parts += ["## Recipes", "", recipes_table(prov), "", "## Costs per task", "", cost_rows(cells), ""]
     parts += [
@@ -126,7 +148,9 @@ def build_report(out_dir: str, report_dir: str | None = None, docs: str | None =
     prov = provenance(cells)
     report_dir = report_dir or os.path.join(out_dir, "report")
     stem = f"{layout.name}-{env_tag(cells)}"
-    plots = plot_tradeoffs(rows, report_dir, f"{layout.name} ({env_tag(cells)})", metric_label(cells))
+    plots = plot_tradeoffs(
+        rows, report_dir, layout.name, metric_label(cells), describe_env(cells), {"train_seconds": load_note(prov)}
+    )
     md = render(layout, rows, cells, prov, plots, report_dir, f"Benchmark: {layout.name}")
     out = {
         "markdown": write(os.path.join(report_dir, f"{stem}.md"), md),
@@ -146,6 +170,7 @@ def build_report(out_dir: str, report_dir: str | None = None, docs: str | None =
             dst = os.path.join(image_dir, os.path.basename(p))
             shutil.copyfile(p, dst)
             copied.append(dst)
+        remove_stale_plots(image_dir, copied)  # never leave a plot the page does not link
         shutil.copyfile(out["csv"], os.path.join(image_dir, os.path.basename(out["csv"])))
         note = (
             f"Generated on {today()} by `thrifty report {out_dir} --docs {docs}` from the results of "

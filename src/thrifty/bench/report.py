@@ -270,6 +270,36 @@ def env_tag(prov_cells: list[CellResult]) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", f"{dev}-pt{torch_v}".lower()).strip("-")
 
 
+def env_words(env: dict[str, Any]) -> str:
+    """The machine in words for plot titles: 'CPU (AMD EPYC, 2 cores), torch 2.14.1' or
+    'GPU (NVIDIA H100 80GB HBM3), torch 2.14.1'."""
+    if env.get("gpu"):
+        dev = f"GPU ({env['gpu']})"
+    else:
+        what = [x for x in (env.get("cpu_model"), f"{env['cpu_count']} cores" if env.get("cpu_count") else None) if x]
+        dev = str(env.get("device") or "cpu").upper() + (f" ({', '.join(what)})" if what else "")
+    torch_v = (env.get("versions") or {}).get("torch")
+    return dev + (f", torch {torch_v}" if torch_v else "")
+
+
+def describe_env(cells: list[CellResult]) -> str:
+    """`env_words` of the machines the complete cells ran on ('' when none); more than two: their count."""
+    machines = _uniq(env_words(c.results.get("env") or {}) for c in cells if c.ok and c.results.get("env"))
+    if len(machines) > 2:
+        return f"{len(machines)} machines (see the report's Machine line)"
+    return " + ".join(machines)
+
+
+def load_note(prov: dict[str, Any]) -> str:
+    """'' or a warning for timing plots when the cells ran with more load than cores."""
+    if not prov.get("load"):
+        return ""
+    lo, hi, cores = prov["load"]
+    if hi <= cores:
+        return ""
+    return f"shared machine: load {lo:.1f} to {hi:.1f} on {cores} cores when cells started, times inflated"
+
+
 def today() -> str:
     return _dt.date.today().isoformat()
 

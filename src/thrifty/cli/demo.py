@@ -67,29 +67,38 @@ def register(sub) -> argparse.ArgumentParser:
     return p
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+def plot(rows: list[dict], path: str, recipe: dict | None = None, env: dict | None = None) -> str:
+    """Horizontal bars, one row per method (names never overlap), one panel per quantity, values at the bars' ends;
+    a cost axis is logarithmic where its values span a decade (`thrifty.bench.figures.configure_axis`)."""
+    from thrifty.bench.figures import bar_panels
+    from thrifty.bench.report import env_words
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    recipe = recipe or RECIPE
     names = [r["name"] for r in rows]
-    for ax, (key, title, scale) in zip(
-        axes,
-        [
-            ("test_accuracy", "test accuracy (%)", 100),
-            ("saved_activation_bytes", "saved for backward (MiB)", 2**-20),
-            ("train_seconds", "training time (s)", 1),
-        ],
-    ):
-        ax.bar(names, [r[key] * scale for r in rows], color="#4c72b0")
-        ax.set_title(title)
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"thrifty demo: {RECIPE['backbone']} on {RECIPE['data']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    panels = [
+        {
+            "title": "test accuracy",
+            "values": [100 * r["test_accuracy"] for r in rows],
+            "kind": "percent",
+            "ref": (100 / 5, "chance"),
+        },
+        {"title": "adapter file size", "values": [r.get("adapter_bytes") for r in rows], "kind": "bytes"},
+        {
+            "title": "bytes saved for backward (one step)",
+            "values": [r.get("saved_activation_bytes") for r in rows],
+            "kind": "bytes",
+        },
+        {"title": "training time (all epochs)", "values": [r.get("train_seconds") for r in rows], "kind": "seconds"},
+    ]
+    epochs = recipe["epochs"]
+    title = (
+        f"thrifty demo: {recipe['backbone']} (max {recipe['max_length']} tokens) on {recipe['data']}, "
+        f"{epochs} epoch{'s' if epochs != 1 else ''}, batch {recipe['batch_size']}, seed {recipe['seed']}"
+    )
+    sub = f"test accuracy on {rows[0].get('test_samples', recipe['test_size'])} reviews (5 classes, chance 20 %)"
+    if env:
+        sub += f"; {env_words(env)}"
+    return bar_panels(names, panels, path, title, sub)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"moved earlier results to {aside}")
     print("recipe (same for every method):", ", ".join(f"{k}={v}" for k, v in recipe.items()))
     rows = []
+    env = None
     for name in names:
         method, options = DEMO_METHODS[name]
         out = os.path.join(args.output, name)
@@ -145,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{results['metrics']['test_accuracy']:.4f}"
             )
         m = results["metrics"]
+        env = env or results.get("env")
         rows.append({"name": name, **m, "train_seconds": sum(h["seconds"] for h in results["history"])})
     print()
     table = print_table(rows, COLUMNS)
@@ -157,6 +168,6 @@ def run(args: argparse.Namespace) -> int:
     os.makedirs(args.output, exist_ok=True)
     write_json(os.path.join(args.output, "summary.json"), {"recipe": recipe, "rows": rows})
     write_text(os.path.join(args.output, "summary.md"), f"# thrifty demo\n\nrecipe: {recipe}\n\n{table}\n")
-    plot(rows, os.path.join(args.output, "demo.png"))
+    plot(rows, os.path.join(args.output, "demo.png"), recipe, env)
     print(f"wrote {args.output}/summary.md, summary.json, demo.png")
     return 0
