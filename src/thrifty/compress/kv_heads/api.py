@@ -51,9 +51,10 @@ def _fit_cache(
     return fit(structure, group_gram(layer_gram, group, head_dim), g, head_dim)
 
 
-def _layer_plan(
+def plan_layer(
     site: AttentionSite, index: int, config: KVHeadsConfig, stats: KVStatistics | None
 ) -> tuple[list[list[int]], list[Merge], list[Merge], dict[str, Any]]:
+    """(groups, key merges, value merges, report entry) of site `index`, from the statistics (None: no calibration)."""
     d, h = site.head_dim, site.num_kv_heads
     key_source, key_structure = config.key_strategy(site.rope)
     k_gram = v_gram = post_gram = None
@@ -126,7 +127,7 @@ def compress_kv_heads_(
             calib["description"] = calib_description
     layers = []
     for i, site in enumerate(sites):
-        groups, key_merges, value_merges, entry = _layer_plan(site, i, config, stats)
+        groups, key_merges, value_merges, entry = plan_layer(site, i, config, stats)
         fold_site_(site, groups, key_merges, value_merges)
         layers.append(entry)
     hf_config = _hf_config(model)
