@@ -96,6 +96,7 @@ def compress_kv_heads_(
     *,
     forward: Callable[[Any], Any] | None = None,
     calib_description: str | None = None,
+    statistics: tuple[KVStatistics, dict[str, Any]] | None = None,
     progress: bool = False,
 ) -> None:
     """Merge the KV heads of every self-attention layer of `model` into `config.kv_heads` heads, in place.
@@ -103,6 +104,8 @@ def compress_kv_heads_(
     `model`: a transformers Llama-style causal LM / decoder (GQA or MHA), a BERT-style encoder, or a thrifty
     Backbone wrapping one. `calib_batches`: dicts with `input_ids` + `attention_mask` (or id tensors); needed unless
     every strategy is `mean`/`svd_w` and grouping is consecutive. `forward(inputs)` overrides how a batch is run.
+    `statistics`: a `collect_statistics(...)` result on this same model (same weights) instead of a calibration
+    pass, to compare configs on one pass; it must hold post-RoPE keys when `rope_keys="post_rope"`.
     Errors: ConfigError when no attention is found or `kv_heads` does not divide (or is not below) the KV heads.
     """
     if not isinstance(config, KVHeadsConfig):
@@ -111,8 +114,17 @@ def compress_kv_heads_(
     check_kv_heads(sites, config.kv_heads)
     has_rope = any(s.rope for s in sites)
     stats, calib = None, None
-    if config.needs_calibration(has_rope):
-        source, structure = config.key_strategy(has_rope)
+    source, structure = config.key_strategy(has_rope)
+    if statistics is not None:
+        stats, calib = statistics
+        if len(stats.keys) != len(sites) or any(
+            g.sum.shape[0] != s.num_kv_heads * s.head_dim for g, s in zip(stats.keys, sites)
+        ):
+            raise ConfigError("`statistics` were collected on a model with other attention layers; recollect them")
+        if structure == "post_rope" and any(p is None for p, s in zip(stats.post_rope_keys, sites) if s.rope):
+            raise ConfigError("rope_keys='post_rope' needs statistics collected with post_rope=True")
+        calib = dict(calib)
+    elif config.needs_calibration(has_rope):
         stats, calib = collect_statistics(
             model,
             sites,
@@ -123,8 +135,8 @@ def compress_kv_heads_(
             forward=forward,
             progress=progress,
         )
-        if calib_description:
-            calib["description"] = calib_description
+    if calib is not None and calib_description:
+        calib["description"] = calib_description
     layers = []
     for i, site in enumerate(sites):
         groups, key_merges, value_merges, entry = plan_layer(site, i, config, stats)
@@ -135,7 +147,6 @@ def compress_kv_heads_(
     shapes_kept = any(s.family == "bert" for s in sites)
     if hf_config is not None and not shapes_kept and hasattr(hf_config, "num_key_value_heads"):
         hf_config.num_key_value_heads = config.kv_heads
-    source, structure = config.key_strategy(has_rope)
     report = {
         "method": config.method,
         "config": config.to_dict(),
