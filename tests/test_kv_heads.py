@@ -419,3 +419,21 @@ def test_bad_requests_raise_config_error():
             KVHeadsConfig(**bad)
     assert model.config.num_key_value_heads == 4  # nothing was changed by the failed calls
     assert KVHeadsConfig.method == "kv_heads" and KVHeadsConfig.cli_flags == ("kv_heads",)
+
+
+def test_compress_and_save_through_a_decoder_backbone(tmp_path, tiny_bert_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from thrifty.backbones.hf_decoder import HFDecoder
+    from thrifty.backbones.preprocess import TextPreprocess
+
+    bb = HFDecoder("test", llama(4), TextPreprocess(AutoTokenizer.from_pretrained(tiny_bert_dir), 24), "random")
+    compress_kv_heads_(bb, KVHeadsConfig(kv_heads=2, grouping="similarity"), batches())
+    assert bb.model.config.num_key_value_heads == 2
+    out = save_compressed(bb, tmp_path / "bb")  # the backbone's tokenizer travels with it
+    assert (out / "tokenizer.json").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = batches(1, seed=11)[0]
+    real = x["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(bb.logits(x)[real], logits(loaded, x), rtol=0, atol=1e-5)
