@@ -137,7 +137,7 @@ def heal(model: torch.nn.Module, seqs: torch.Tensor, steps: int, lr: float) -> d
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if step % 10 == 0 or step == steps - 1:
                 print(f"  heal step {step + 1}/{steps}: loss {losses[-1]:.3f}", flush=True)
         m.eval()
