@@ -146,6 +146,9 @@ def _limit_tokens(mask: torch.Tensor, left: int | None) -> torch.Tensor:
     return keep.view_as(mask)
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
 def default_forward(model: nn.Module) -> Callable[[Any], Any]:
     """How calibration runs `model`: a thrifty Backbone takes its input dict; a transformers model runs its base
     model (no LM/classification head, whose output nobody needs here) with the dict as keyword arguments."""
@@ -156,8 +159,8 @@ def default_forward(model: nn.Module) -> Callable[[Any], Any]:
     body = getattr(model, "base_model", model)
 
     def run(inputs: Any) -> Any:
-        if isinstance(inputs, dict):
-            return body(**inputs)
+        if isinstance(inputs, dict):  # labels and other training keys are not model inputs here
+            return body(**{k: v for k, v in inputs.items() if k in MODEL_INPUTS})
         return body(input_ids=inputs)
 
     return run
