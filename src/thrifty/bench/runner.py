@@ -24,6 +24,7 @@ from typing import Any
 from thrifty.bench.suite import Cell, Suite
 from thrifty.errors import ConfigError
 from thrifty.io import write_json
+from thrifty.runtime.child import child_env
 
 
 CELL_SPEC = "cell.json"
@@ -62,16 +63,6 @@ def cell_state(cell_dir: str, spec: dict[str, Any] | None = None) -> str:
     return "missing"
 
 
-def _child_env() -> dict[str, str]:
-    """The parent's environment, with this thrifty's source root first on PYTHONPATH (runs from a checkout)."""
-    import thrifty
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(thrifty.__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([root, *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
-    return env
-
-
 def train_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "thrifty.cli.main", "train", *argv]
 
@@ -82,7 +73,7 @@ def launch_subprocess(argv: list[str], cell_dir: str, timeout: float | None) -> 
     with open(out_path, "w") as out, open(err_path, "w") as err:
         try:
             rc = subprocess.run(
-                train_command(argv), stdout=out, stderr=err, env=_child_env(), timeout=timeout
+                train_command(argv), stdout=out, stderr=err, env=child_env(), timeout=timeout
             ).returncode
         except subprocess.TimeoutExpired:
             err.write(f"\nthrifty bench: cell killed after its --cell-timeout of {timeout:.0f} s\n")

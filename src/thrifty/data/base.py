@@ -158,13 +158,40 @@ class TextDataset(LabelledDataset):
         return self.source.encode() + hashlib.sha256("\x00".join(self.texts).encode()).digest()
 
 
+class TensorDictDataset(LabelledDataset):
+    """Samples already as tensors: `inputs` maps names to (N, ...) tensors (e.g. input_ids, attention_mask), items
+    are ({name: row}, label); labels default to zeros (tasks whose objective reads only the inputs)."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: Sequence[int] | None = None, source: str = ""):
+        n = len(next(iter(inputs.values())))
+        if any(len(v) != n for v in inputs.values()):
+            raise DataError(f"{source}: the input tensors have different lengths")
+        self.inputs, self.source = inputs, source
+        self.labels = np.zeros(n, np.int64) if labels is None else np.asarray(labels, np.int64)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, torch.Tensor], int]:
+        return {k: v[i] for k, v in self.inputs.items()}, int(self.labels[i])
+
+    def get_batch(self, indices: Sequence[int]) -> Any:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return {k: v[idx] for k, v in self.inputs.items()}, torch.as_tensor(self.labels[idx.numpy()])
+
+    def _sample_key(self) -> bytes:
+        import hashlib
+
+        h = hashlib.sha256(self.source.encode())
+        for k in sorted(self.inputs):
+            h.update(k.encode() + self.inputs[k].numpy().tobytes())
+        return h.digest()
+
+
 @dataclass
 class TaskData:
     """A task: named splits, class count, and the protocol that maps roles (train/test/val) to splits."""
 
     name: str
     splits: dict[str, LabelledDataset]
-    num_classes: int
+    num_classes: int | None  # None: no class labels (language modelling); labels are then ignored
     protocol: str = "full"
     meta: dict[str, Any] = field(default_factory=dict)
     objective: str | None = None  # the objective this data calls for by default (None: classification)
@@ -175,6 +202,8 @@ class TaskData:
         for split, ds in self.splits.items():
             if len(ds) == 0:
                 raise DataError(f"{self.name}: split {split!r} is empty")
+            if self.num_classes is None:
+                continue
             bad = (ds.labels < 0) | (ds.labels >= self.num_classes)
             if bad.any():
                 raise DataError(

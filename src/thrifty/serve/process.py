@@ -3,7 +3,6 @@ restart on the same port. Always pass `--lifetime` so a forgotten server stops b
 
 from __future__ import annotations
 
-import os
 import queue
 import re
 import signal
@@ -13,6 +12,7 @@ import threading
 import time
 
 from thrifty.backbones.remote.protocol import RemoteError
+from thrifty.runtime.child import child_env
 
 
 LISTENING = re.compile(r"listening on (http://\S+):(\d+)")
@@ -29,10 +29,7 @@ class ServerProcess:
         self.output: list[str] = []
 
     def start(self) -> str:
-        import thrifty
-
-        src = os.path.dirname(os.path.dirname(os.path.abspath(thrifty.__file__)))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+        env = child_env()
         cmd = [sys.executable, "-m", "thrifty.cli.main", "serve", *self.args, "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         lines: queue.Queue[str | None] = queue.Queue()

@@ -4,7 +4,6 @@ memory of one step (CUDA: max allocated; CPU: a fresh process, `python -m thrift
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from typing import Any
@@ -15,6 +14,7 @@ from thrifty.metrics import saved_activation_bytes
 from thrifty.metrics.memory import cuda_peak_step_bytes, training_step
 from thrifty.objectives import Objective
 from thrifty.runtime import to_device
+from thrifty.runtime.child import child_env
 
 
 def objective_loss(objective: Objective, inputs: Any):
@@ -52,7 +52,7 @@ def measure_step(model, trainer, spec: dict[str, Any], peak_memory: bool) -> dic
 def peak_step_memory_subprocess(spec: dict[str, Any], timeout: float = 1800) -> dict[str, Any]:
     """Run `thrifty.train.peak_worker` on `spec` in a fresh process; returns its JSON answer."""
     # a fixed mmap threshold makes glibc return large freed blocks at once, so RSS tracks live tensors
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    env = child_env({"MALLOC_MMAP_THRESHOLD_": "131072"})
     proc = subprocess.run(
         [sys.executable, "-m", "thrifty.train.peak_worker"],
         input=json.dumps(spec),

@@ -1,0 +1,276 @@
+"""KV-head compression on the real SmolLM2-135M-Instruct (packaged GGUF): 3 -> 1 KV heads per layer.
+
+Rows: the original; `mean` (GQA mean pooling of K and V, the spec's naive merge: ppl ~8,904 on GPL-3); `svd_w`
+(SVD of the weights; RoPE keys with the complex per-frequency fit or the unconstrained post_rope map); `svd_a`
+(SVD on calibration activations) with each RoPE-key strategy (complex, post_rope, mean); two ablations that
+compress values and keys with different strategies. Per row: perplexity on two held-out texts, mean K/V
+reconstruction error on the calibration tokens, KV-cache bytes per token, the greedy answer to the spec's chat check.
+
+Protocol: perplexity = exp(mean next-token loss) on the first `--eval-tokens` tokens (default 1,024, as the spec's
+19.30) of /usr/share/common-licenses/GPL-3 and of the `reviews` test pool (reviews joined with blank lines).
+Calibration: `--calib-seqs` sequences of `--calib-len` tokens from the `reviews` train pool (no overlap with either
+evaluation text), one pass over the original model; every row reuses its statistics. Optional healing
+(`--heal-steps N`): LoRA r=8 on q/k/v/o, AdamW, next-token loss on calibration sequences, merged back; the loop here
+is a stand-in until thrifty's causal_lm objective and trainer exist.
+
+Resumable: each finished row is written to the JSON at once, and a rerun skips rows already there (`--rerun` to redo
+them). The statistics are cached under `--cache`. Timings come from a box shared with other jobs: not claims.
+
+    PYTHONPATH=src python benchmarks/kv_heads.py --output benchmarks/results/kv_heads_smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from thrifty.backbones.hf_decoder import load_smollm2
+from thrifty.cli.common import print_table
+from thrifty.compress.kv_heads import (
+    KVHeadsConfig,
+    compress_kv_heads_,
+    find_attention_sites,
+    heal_,
+    kv_heads_report,
+    save_compressed,
+)
+from thrifty.compress.kv_heads.statistics import KVStatistics, collect_statistics
+from thrifty.data.packaged import reviews
+from thrifty.io import load_tensors, read_json, save_tensors, write_json
+from thrifty.metrics import environment
+
+
+GPL3 = "/usr/share/common-licenses/GPL-3"
+CHAT = "What is the capital of France?"
+ROWS: dict[str, dict[str, str] | None] = {
+    "original": None,
+    "mean": {"values": "mean", "keys": "mean"},
+    "svd_w (complex keys)": {"values": "svd_w", "keys": "svd_w", "rope_keys": "complex"},
+    "svd_w (post_rope keys)": {"values": "svd_w", "keys": "svd_w", "rope_keys": "post_rope"},
+    "svd_a (complex keys)": {"values": "svd_a", "keys": "svd_a", "rope_keys": "complex"},
+    "svd_a (post_rope keys)": {"values": "svd_a", "keys": "svd_a", "rope_keys": "post_rope"},
+    "svd_a (mean keys)": {"values": "svd_a", "keys": "svd_a", "rope_keys": "mean"},
+    "mean values + svd_a complex keys": {"values": "mean", "keys": "svd_a", "rope_keys": "complex"},
+}
+
+
+def token_stream(tok: Any, texts: list[str], n_tokens: int) -> torch.Tensor:
+    """The first `n_tokens` ids of `texts` joined by blank lines (tokenized in chunks until enough)."""
+    ids: list[int] = []
+    step = 64
+    for start in range(0, len(texts), step):
+        ids.extend(tok("\n\n".join(texts[start : start + step]) + "\n\n", add_special_tokens=False).input_ids)
+        if len(ids) >= n_tokens:
+            break
+    if len(ids) < n_tokens:
+        raise SystemExit(f"only {len(ids)} tokens of text, {n_tokens} asked for")
+    return torch.tensor(ids[:n_tokens])
+
+
+def perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """exp(model(ids, labels=ids).loss) on one (1, T) sequence (the spec's protocol)."""
+    with torch.no_grad():
+        return float(torch.exp(model(ids[None], labels=ids[None]).loss))
+
+
+def chat_answer(model: torch.nn.Module, tok: Any) -> str:
+    ids = tok.apply_chat_template([{"role": "user", "content": CHAT}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def kv_bytes_per_token(model: torch.nn.Module, bytes_per_value: int = 2) -> int:
+    """K and V cache bytes per token over all layers (bf16/fp16 cache by default)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * bytes_per_value
+
+
+def statistics(model, batches, cache: Path, args) -> tuple[KVStatistics, dict[str, Any]]:
+    """One calibration pass over the original model (cached: keys, values and post-RoPE keys per layer)."""
+    sites = find_attention_sites(model)
+    key = f"smollm2_reviews_{args.calib_seqs}x{args.calib_len}"
+    path = cache / f"{key}.safetensors"
+    if path.is_file():
+        tensors = load_tensors(path)
+        info = read_json(cache / f"{key}.json")
+        stats = KVStatistics(sites, post_rope=True)
+        for i in range(len(sites)):
+            for name, grams in (("k", stats.keys), ("v", stats.values), ("kr", stats.post_rope_keys)):
+                grams[i].sum = tensors[f"{name}.{i}"]
+                grams[i].count = info["tokens"]
+        print(f"calibration statistics from {path}")
+        return stats, info
+    t0 = time.time()
+    stats, info = collect_statistics(model, sites, batches, post_rope=True, progress=True)
+    info["seconds"] = round(time.time() - t0, 1)
+    tensors = {}
+    for i in range(len(sites)):
+        for name, gram in (("k", stats.keys[i]), ("v", stats.values[i]), ("kr", stats.post_rope_keys[i])):
+            tensors[f"{name}.{i}"] = gram.sum
+    save_tensors(path, tensors)
+    write_json(cache / f"{key}.json", info)
+    print(f"calibration: {info['tokens']} tokens in {info['seconds']} s")
+    return stats, info
+
+
+def heal(model: torch.nn.Module, seqs: torch.Tensor, steps: int, lr: float) -> dict[str, Any]:
+    """LoRA r=8 on q/k/v/o, AdamW, next-token loss on calibration sequences (batch 4), merged back."""
+
+    def train(m: torch.nn.Module) -> list[float]:
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        losses = []
+        g = torch.Generator().manual_seed(0)
+        for step in range(steps):
+            batch = seqs[torch.randint(0, len(seqs), (4,), generator=g)]
+            loss = m(batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if step % 10 == 0 or step == steps - 1:
+                print(f"  heal step {step + 1}/{steps}: loss {losses[-1]:.3f}", flush=True)
+        m.eval()
+        return losses
+
+    losses = heal_(model, train, r=8, lora_alpha=16)
+    return {
+        "steps": steps,
+        "lr": lr,
+        "r": 8,
+        "lora_alpha": 16,
+        "batch": 4,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--output", default="benchmarks/results/kv_heads_smollm2.json")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/thrifty/kv_heads_bench"))
+    ap.add_argument("--kv-heads", type=int, default=1)
+    ap.add_argument("--calib-seqs", type=int, default=64)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--eval-tokens", type=int, default=1024)
+    ap.add_argument("--heal-steps", type=int, default=0)
+    ap.add_argument("--heal-lr", type=float, default=1e-4)
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names")
+    ap.add_argument("--rerun", action="store_true", help="recompute rows already in the JSON")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    results = read_json(out) if out.is_file() else {"rows": {}}
+    results.update(
+        benchmark="kv_heads on SmolLM2-135M-Instruct (packaged GGUF, dequantized to float32)",
+        note="timings from a 2-core box shared with other jobs: not claims",
+        env=environment("cpu"),
+        protocol={k: v for k, v in vars(args).items() if k not in ("output", "rerun", "rows", "cache")},
+    )
+
+    t0 = time.time()
+    bb = load_smollm2()
+    base, tok = bb.model, bb.preprocess.tokenizer
+    print(f"loaded SmolLM2 in {time.time() - t0:.0f} s")
+    pools = reviews()
+    train_texts, test_texts = list(pools.train[0]), list(pools.test[0])
+    calib = token_stream(tok, train_texts, args.calib_seqs * args.calib_len).view(args.calib_seqs, args.calib_len)
+    batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in calib.split(8)]
+    evals = {
+        "gpl3": tok(Path(GPL3).read_text(), return_tensors="pt").input_ids[0, : args.eval_tokens],
+        "reviews_test": token_stream(tok, test_texts, args.eval_tokens),
+    }
+    desc = f"reviews train pool (CC0 clothing reviews), {args.calib_seqs} x {args.calib_len} tokens"
+    results["calibration"] = {"description": desc}
+    stats = None
+
+    for name in args.rows.split(","):
+        if name not in ROWS:
+            raise SystemExit(f"unknown row {name!r}; rows: {', '.join(ROWS)}")
+        if name in results["rows"] and not args.rerun and (args.heal_steps == 0 or "healed" in results["rows"][name]):
+            print(f"skip {name} (done)")
+            continue
+        spec = ROWS[name]
+        t = time.time()
+        model = copy.deepcopy(base)
+        row: dict[str, Any] = {"config": spec}
+        if spec is not None:
+            if stats is None:
+                stats = statistics(base, batches, Path(args.cache), args)
+                results["calibration"].update(stats[1])
+            cfg = KVHeadsConfig(kv_heads=args.kv_heads, **spec)
+            compress_kv_heads_(model, cfg, statistics=stats, calib_description=desc)
+            layers = kv_heads_report(model)["layers"]
+            row["k_rel_err"] = sum(e["k_rel_err"] for e in layers) / len(layers)
+            row["v_rel_err"] = sum(e["v_rel_err"] for e in layers) / len(layers)
+            row["k_err_space"] = layers[0]["k_err_space"]
+            row["k_rel_err_per_layer"] = [round(e["k_rel_err"], 5) for e in layers]
+            row["v_rel_err_per_layer"] = [round(e["v_rel_err"], 5) for e in layers]
+        model.eval()
+        row["kv_heads"] = model.config.num_key_value_heads
+        row["kv_bytes_per_token_bf16"] = kv_bytes_per_token(model)
+        for key, ids in evals.items():
+            row[f"ppl_{key}"] = perplexity(model, ids)
+        row["chat"] = chat_answer(model, tok)
+        if name == "svd_a (complex keys)":
+            row["reload_max_abs_logit_diff"] = reload_check(model, tok, evals["gpl3"][:256])
+        row["seconds"] = round(time.time() - t, 1)
+        if spec is not None and args.heal_steps > 0:
+            healed = heal(model, calib, args.heal_steps, args.heal_lr)
+            for key, ids in evals.items():
+                healed[f"ppl_{key}"] = perplexity(model, ids)
+            healed["chat"] = chat_answer(model, tok)
+            row["healed"] = healed
+        results["rows"][name] = row
+        write_json(out, results)
+        print(f"{name}: ppl GPL-3 {row['ppl_gpl3']:.2f}, reviews {row['ppl_reviews_test']:.2f} ({row['seconds']} s)")
+        del model
+
+    table = []
+    names = [n for n in ROWS if n in results["rows"]] + [n for n in results["rows"] if n not in ROWS]
+    for name in names:
+        row = results["rows"][name]
+        healed = {f"healed_{k}": v for k, v in row.get("healed", {}).items()}
+        table.append({"row": name, **row, **healed, "chat": repr(row["chat"])})
+    cols = [
+        ("row", "model"),
+        ("kv_heads", "KV heads"),
+        ("kv_bytes_per_token_bf16", "KV bytes/token (bf16)"),
+        ("ppl_gpl3", "ppl GPL-3"),
+        ("ppl_reviews_test", "ppl reviews test"),
+        ("k_rel_err", "K rel. err"),
+        ("v_rel_err", "V rel. err"),
+    ]
+    if any("healed" in r for r in results["rows"].values()):
+        cols += [("healed_ppl_gpl3", "healed ppl GPL-3"), ("healed_ppl_reviews_test", "healed ppl reviews")]
+    print()
+    print_table(table, cols)
+    print()
+    print_table(table, [("row", "model"), ("chat", f"greedy answer to {CHAT!r}")])
+
+
+def reload_check(model: torch.nn.Module, tok: Any, ids: torch.Tensor) -> float:
+    """Save as a Hugging Face folder, reload with plain transformers, max |logit difference|."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_compressed(model, Path(tmp) / "smollm2-kv1", tokenizer=tok)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            a, b = model(ids[None]).logits, loaded(ids[None]).logits
+    return float((a - b).abs().max())
+
+
+if __name__ == "__main__":
+    main()
