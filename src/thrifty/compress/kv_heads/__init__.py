@@ -7,6 +7,7 @@ activations (SVD-a), RoPE-aware keys, folded into q/o so a stock transformers mo
     save_compressed(model, "out/", tokenizer=tok)
 """
 
+from thrifty.compress.kv_heads import registration  # noqa: F401 (registers `kv_heads`)
 from thrifty.compress.kv_heads.api import compress_kv_heads_, kv_heads_report
 from thrifty.compress.kv_heads.config import KVHeadsConfig
 from thrifty.compress.kv_heads.heal import default_heal_targets, heal_

@@ -20,7 +20,7 @@ from thrifty.compress.kv_heads.config import KVHeadsConfig
 from thrifty.compress.kv_heads.fit import Merge, fit, group_gram, weight_gram
 from thrifty.compress.kv_heads.fold import fold_site_, query_order
 from thrifty.compress.kv_heads.grouping import make_groups
-from thrifty.compress.kv_heads.sites import AttentionSite, check_kv_heads, find_attention_sites
+from thrifty.compress.kv_heads.sites import AttentionSite, check_kv_heads, find_attention_sites, unwrap
 from thrifty.compress.kv_heads.statistics import KVStatistics, collect_statistics
 from thrifty.errors import ConfigError
 
@@ -29,10 +29,7 @@ REPORT_ATTR = "_thrifty_kv_heads_report"
 
 
 def _hf_config(model: nn.Module) -> Any:
-    config = getattr(model, "config", None)
-    if config is None and hasattr(model, "model"):  # thrifty Backbone
-        config = getattr(model.model, "config", None)
-    return config
+    return getattr(unwrap(model)[0], "config", None)
 
 
 def _fit_cache(

@@ -20,23 +20,12 @@ from typing import Any
 from torch import nn
 
 from thrifty.compress.kv_heads.api import kv_heads_report
+from thrifty.compress.kv_heads.sites import unwrap
 from thrifty.errors import CheckpointError, ResultsExistError
 from thrifty.io import read_json, write_json
 
 
 COMPRESSION_FILE = "compression.json"
-
-
-def _upstream(model: nn.Module) -> tuple[nn.Module, Any]:
-    """(the transformers model, the backbone's tokenizer or None) of a model or a thrifty Backbone."""
-    from thrifty.backbones.base import Backbone
-
-    backbone = getattr(model, "backbone", None)  # a TunedModel (e.g. the causal LM `thrifty compress` builds)
-    if isinstance(backbone, Backbone):
-        model = backbone
-    if isinstance(model, Backbone):
-        return model.model, getattr(model.preprocess, "tokenizer", None)
-    return model, None
 
 
 def _save_hf(hf: nn.Module, path: str) -> None:
@@ -73,7 +62,7 @@ def save_compressed(
     `extra` entries (e.g. `heal`: the healing recipe) are added to compression.json."""
     from thrifty.version import __version__
 
-    hf, default_tok = _upstream(model)
+    hf, default_tok = unwrap(model)
     report = kv_heads_report(model) or kv_heads_report(hf)
     if report is None:
         raise CheckpointError("this model was not compressed by compress_kv_heads_; nothing to save as kv_heads")

@@ -11,6 +11,7 @@ Two families, each read from the upstream module without forking it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -135,3 +136,16 @@ def check_kv_heads(sites: list[AttentionSite], kv_heads: int) -> None:
                 f"kv_heads={kv_heads} does not divide the {s.num_kv_heads} KV heads of {s.name!r} into equal "
                 f"groups; use one of {divisors}"
             )
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, Any]:
+    """(the transformers model, the thrifty backbone's tokenizer or None) of a transformers model, a thrifty Backbone
+    or a TunedModel wrapping one (e.g. the causal LM `thrifty compress` builds)."""
+    from thrifty.backbones.base import Backbone
+
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, Backbone):
+        model = backbone
+    if isinstance(model, Backbone):
+        return model.model, getattr(model.preprocess, "tokenizer", None)
+    return model, None

@@ -154,6 +154,9 @@ def default_forward(model: nn.Module) -> Callable[[Any], Any]:
     model (no LM/classification head, whose output nobody needs here) with the dict as keyword arguments."""
     from thrifty.backbones.base import Backbone
 
+    backbone = getattr(model, "backbone", None)  # a TunedModel: its backbone runs every attention layer
+    if isinstance(backbone, Backbone):
+        model = backbone
     if isinstance(model, Backbone):
         return model
     body = getattr(model, "base_model", model)
