@@ -414,11 +414,13 @@ def test_bad_requests_raise_config_error():
         {"values": "pca"},
         {"rope_keys": "svd_a"},
         {"calib_tokens": 0},
+        {"heal_steps": -1},
+        {"heal_lr": 0.0},
     ):
         with pytest.raises(ConfigError):
             KVHeadsConfig(**bad)
     assert model.config.num_key_value_heads == 4  # nothing was changed by the failed calls
-    assert KVHeadsConfig.method == "kv_heads" and KVHeadsConfig.cli_flags == ("kv_heads",)
+    assert KVHeadsConfig.method == "kv_heads" and KVHeadsConfig.cli_flags == ("kv_heads", "heal_steps", "heal_lr")
 
 
 def test_compress_and_save_through_a_decoder_backbone(tmp_path, tiny_bert_dir):
