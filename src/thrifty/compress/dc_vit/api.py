@@ -147,6 +147,8 @@ def compress_dc_vit_(
     if work_dir:
         check_plan(work_dir, _plan(config, [structure], ranking, steps))
     records = run_steps(model, teacher, s.ops, config, steps, ranking, s.train, work_dir=work_dir, progress=progress)
+    for p in model.parameters():
+        p.requires_grad_(False)
     model.thrifty_dc_vit = _record(model, teacher, config, structure, ranking, s.profile, records)
 
 

@@ -94,7 +94,7 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         lin.weight.copy_(weight)
         if bias is not None:
             lin.bias.copy_(bias)
-    return lin
+    return lin.requires_grad_(False)  # frozen like the backbone it joins; the recovery unfreezes what trains
 
 
 class BlockOps:

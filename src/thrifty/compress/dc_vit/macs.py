@@ -4,9 +4,10 @@ Two conventions (`DCViTConfig.macs`):
 - `torch`: every matmul and convolution torch's counter knows, attention scores included (`q kᵀ` and `attn v`).
   On CPU, torch's counter has no formula for `aten._scaled_dot_product_flash_attention_for_cpu`, so its SDPA
   would silently count zero; we register torch's own SDPA formula for it (CPU and meta counts then agree).
-- `thop`: what the reference's `thop` profile counts (spec §3.2, `src/thop/profile.py`): Linear and Conv MACs, a
-  LayerNorm as 4 x numel (2 x numel, doubled when affine), attention score matmuls NOT counted (they are functional
-  ops, invisible to thop's module hooks). With it the structure formula reproduces the reference's figures on
+- `thop`: what the reference's `thop` profile counts (spec §3.2, `src/thop/profile.py`): hooks on leaf modules
+  only, so Linear and Conv MACs and a LayerNorm as 4 x numel (2 x numel, doubled when affine); functional ops such
+  as the attention score matmuls are NOT counted. We count with torch's counter and keep only what falls inside
+  leaf Linear / Conv / LayerNorm modules. With it the structure formula reproduces the reference's figures on
   ViT-B/16 (4 blocks at MLP ratio 1.4987 for keep = 0.751734186; see tests/test_dc_vit.py).
 MACs = FLOPs / 2 for the matmul formulas.
 """
@@ -27,22 +28,10 @@ from thrifty.errors import ConfigError
 
 aten = torch.ops.aten
 _SDPA_CPU = [aten._scaled_dot_product_flash_attention_for_cpu]
-_SDPA_ALL = [
-    aten._scaled_dot_product_efficient_attention,
-    aten._scaled_dot_product_flash_attention,
-    aten._scaled_dot_product_cudnn_attention,
-    aten._flash_attention_forward,
-    aten._efficient_attention_forward,
-    *_SDPA_CPU,
-]
 
 
 def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _zero(*args, **kwargs) -> int:
-    return 0
 
 
 def _layer_norm_thop(input_shape, normalized_shape, weight_shape=None, *args, out_shape=None, **kwargs) -> int:
@@ -54,13 +43,26 @@ def _layer_norm_thop(input_shape, normalized_shape, weight_shape=None, *args, ou
 
 
 def _mapping(convention: str) -> dict[Any, Any]:
-    if convention == "torch":
-        return {op: _sdpa_cpu for op in _SDPA_CPU}
+    if convention not in ("torch", "thop"):
+        raise ConfigError(f"unknown MAC convention {convention!r}; use torch or thop")
+    mapping: dict[Any, Any] = {op: _sdpa_cpu for op in _SDPA_CPU}
     if convention == "thop":
-        mapping: dict[Any, Any] = {op: _zero for op in _SDPA_ALL}
         mapping[aten.native_layer_norm] = _layer_norm_thop
-        return mapping
-    raise ConfigError(f"unknown MAC convention {convention!r}; use torch or thop")
+    return mapping
+
+
+_THOP_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm)
+
+
+def _thop_view(root: nn.Module, raw: dict[str, int]) -> dict[str, int]:
+    """thop's module-hook view of per-module counts: only leaf Linear / Conv / LayerNorm modules count, and a
+    module's MACs are those of such leaves inside it (functional ops such as attention matmuls drop out)."""
+    leaves = {n: raw.get(n, 0) for n, m in root.named_modules() if isinstance(m, _THOP_MODULES)}
+    out = {}
+    for name in raw:
+        prefix = name + "." if name else ""
+        out[name] = sum(v for leaf, v in leaves.items() if leaf == name or leaf.startswith(prefix))
+    return out
 
 
 def _to(inputs: Any, device: torch.device) -> Any:
@@ -91,6 +93,9 @@ def count_macs(model: nn.Module, inputs: Any, convention: str = "torch") -> tupl
         else:
             continue
         per_module[name] = sum(int(v) for v in ops.values()) // 2
+    if convention == "thop":
+        per_module = _thop_view(model, per_module)
+        return per_module.get("", 0), per_module
     return counter.get_total_flops() // 2, per_module
 
 

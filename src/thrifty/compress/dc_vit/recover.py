@@ -107,13 +107,13 @@ def recover_(
                         target = final_tokens(teacher_backbone, x)[0]
                 tokens, mask = final_tokens(student_backbone, x)
                 loss = token_mse(tokens, target, mask)
-                if not math.isfinite(float(loss)):
+                if not math.isfinite(float(loss.detach())):
                     raise NonFiniteLossError(f"{desc}: recovery loss {float(loss)} at epoch {epoch}; lower `lr`")
                 scale = min(epoch / config.warmup_epochs, 1.0) if config.warmup_epochs else 1.0
                 optimizer.zero_grad(set_to_none=True)
                 (loss * scale).backward()
                 optimizer.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
                 seen += len(idx)
             scheduler.step()
             losses.append(total / seen)
