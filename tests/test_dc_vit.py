@@ -429,3 +429,14 @@ def test_minilm_attention_removed_and_reloaded(tmp_path):
     assert info["format"] == "transformers" and os.path.isfile(tmp_path / "head.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(loaded(enc), model(enc), rtol=0, atol=1e-5)
+
+
+def test_gelu_positive_end_to_end_keeps_the_teacher_top_units():
+    teacher = tiny_classifier()
+    x = images(16, 11)
+    model = tiny_classifier()
+    cfg = tiny_config(mlp_init="gelu_positive", epochs=0, rank_epochs=0, keep_macs=0.9)  # one block, no recovery
+    compress_dc_vit_(model, cfg, loader(x))
+    ((block, units),) = model.thrifty_dc_vit["blocks"].items()
+    stats = activation_stats(teacher.backbone, int(block), x[:8], block_ops(teacher.backbone))
+    assert set(units) == set(torch.argsort(stats, descending=True, stable=True)[: len(units)].tolist())
