@@ -111,16 +111,31 @@ def few_shot(task, n: int, seed: int) -> list[tuple[Any, Any]]:
     return [train.get_batch(idx)]
 
 
+@torch.no_grad()
+def test_accuracy(model, dataset, batch_size: int) -> float:
+    """Test accuracy; image arrays are preprocessed a batch at a time (not image by image)."""
+    if hasattr(dataset, "images") and hasattr(dataset, "preprocess"):
+        model.eval()
+        correct = 0
+        for i in range(0, len(dataset), batch_size):
+            x = dataset.preprocess.from_uint8(dataset.images[i : i + batch_size])
+            y = torch.as_tensor(dataset.labels[i : i + batch_size])
+            correct += int((model(x).argmax(-1) == y).sum())
+        return correct / len(dataset)
+    return evaluate(model, dataset, batch_size)["accuracy"]
+
+
 def evaluate_dir(directory: str, task, batch_size: int) -> dict[str, Any]:
-    """Test accuracy of a saved family member (cached next to it) plus its record's MACs and latency."""
-    cache = os.path.join(directory, "eval.json")
+    """Test accuracy of a saved family member plus its record's MACs and latency. Budgets served by the same
+    progressive step hold the same model: it is evaluated once (cached in the family folder per step)."""
     info = read_json(os.path.join(directory, "compression.json"))
+    cache = os.path.join(os.path.dirname(directory), f"eval_step{info['family']['step']}.json")
     if os.path.isfile(cache):
         acc = read_json(cache)["accuracy"]
     else:
         model, _ = load_dc_vit(directory)
-        acc = evaluate(model, task.split("test"), batch_size)["accuracy"]
-        write_json(cache, {"accuracy": acc})
+        acc = test_accuracy(model, task.split("test"), batch_size)
+        write_json(cache, {"accuracy": acc, "evaluated": directory})
     return {
         "keep_requested": info["keep_macs"],
         "macs": info["macs"]["counted"],
@@ -152,7 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         augment="flip" if args.model == "fmnist-vit" and args.flip else "none",
     )
     t0 = time.perf_counter()
-    teacher_acc = evaluate(teacher, task.split("test"), args.eval_batch)["accuracy"]
+    teacher_acc = test_accuracy(teacher, task.split("test"), args.eval_batch)
     rows = [
         {
             "variant": "uncompressed",

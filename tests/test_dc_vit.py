@@ -444,3 +444,22 @@ def test_gelu_positive_end_to_end_keeps_the_teacher_top_units():
     ((block, units),) = model.thrifty_dc_vit["blocks"].items()
     stats = activation_stats(teacher.backbone, int(block), x[:8], block_ops(teacher.backbone))
     assert set(units) == set(torch.argsort(stats, descending=True, stable=True)[: len(units)].tolist())
+
+
+def test_plan_steps_adds_one_block_per_step_and_shares_unchanged_models():
+    from thrifty.compress.dc_vit.progressive import plan_steps
+    from thrifty.compress.dc_vit.structure import Structure
+
+    def s(n, k):
+        return Structure("dc_vit", 0.5, 100, 0, 1, 1, n, None, 4.0, 8, 32, k, 0)
+
+    steps = plan_steps([4, 2, 1, 3], [s(1, 20), s(2, 25), s(2, 10), s(2, 10), s(4, 16)])
+    assert [st.target for st in steps] == [
+        {4: 20},
+        {4: 25, 2: 25},
+        {4: 10, 2: 10},
+        {4: 16, 2: 16, 1: 16},
+        {4: 16, 2: 16, 1: 16, 3: 16},
+    ]
+    assert [st.new_block for st in steps] == [4, 2, None, 1, 3]
+    assert [st.budgets for st in steps] == [(0,), (1,), (2, 3), (), (4,)]  # budget 3 shares budget 2's model
