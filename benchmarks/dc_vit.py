@@ -316,8 +316,9 @@ def plot(paths: list[str], out: str) -> None:
             lat_key = "latency_ms_interleaved" if pts[0].get("latency_ms_interleaved") else "latency_ms_median"
             for ax, key in ((row[0], "kept_fraction"), (row[1], lat_key)):
                 xs = [p[key] for p in pts]
+                line = "-" if key == "kept_fraction" else "none"  # measured latencies are not monotone in keep
                 ax.errorbar(xs, [p["accuracy_mean"] for p in pts], yerr=[p["accuracy_std"] for p in pts],
-                            color=color, marker=marker, label=label, capsize=3, linestyle="-")  # fmt: skip
+                            color=color, marker=marker, label=label, capsize=3, linestyle=line)  # fmt: skip
         lat = teacher.get("latency_ms_interleaved", teacher["latency_ms"])
         for ax, x in ((row[0], 1.0), (row[1], lat)):
             ax.scatter([x], [teacher["accuracy"]], color="k", marker="*", s=120, label="uncompressed", zorder=5)
