@@ -41,6 +41,7 @@ from thrifty.compress import (
     saved_method,
     unregister_compressor,
 )
+from thrifty.compress.dc_vit import DCViTConfig
 from thrifty.compress.kv_heads import KVHeadsConfig
 from thrifty.errors import CheckpointError
 from thrifty.io import read_json, write_json, write_text
@@ -107,6 +108,7 @@ TINY_CASES: dict[str, TinyCase] = {
     "ptq": TinyCase(lambda: PTQConfig(w_bits=4, a_bits=8)),
     "qwt": TinyCase(lambda: QwTConfig(base_config=PTQConfig(w_bits=4, a_bits=6))),
     "qwt_v2": TinyCase(lambda: QwTV2Config(base_config=PTQConfig(w_bits=4, a_bits=8))),
+    "dc_vit": TinyCase(lambda: DCViTConfig(keep_macs=0.7, samples=8, metric_samples=8, epochs=1, batch_size=8)),
     "kv_heads": TinyCase(
         lambda: KVHeadsConfig(kv_heads=1), tiny_causal_lm, tiny_tokens, lambda: tiny_tokens(1, seed=1)[0]
     ),

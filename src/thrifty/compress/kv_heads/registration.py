@@ -73,6 +73,8 @@ def load(directory: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]
     its Backbone; with compression.json. Stock transformers loads the same folder (`save_compressed`)."""
     import os
 
+    from safetensors import SafetensorError
+
     from thrifty.backbones import BackboneSpec, load_backbone
     from thrifty.errors import CheckpointError, SpecError
     from thrifty.io import read_json
@@ -83,9 +85,12 @@ def load(directory: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]
     report = read_json(path)
     if not isinstance(report, dict) or (report.get("config") or {}).get("method") != KVHeadsConfig.method:
         raise CheckpointError(f"{path} does not describe a kv_heads model")
+    for name in sorted(os.listdir(directory)):  # transformers skips a broken generation config without a word
+        if name.endswith(".json"):
+            read_json(os.path.join(directory, name))  # CheckpointError naming the file
     try:
         bb = load_backbone(BackboneSpec(f"hf:{os.path.abspath(directory)}"))
-    except (SpecError, OSError, ValueError, RuntimeError) as exc:
+    except (SpecError, OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"{directory}: the saved model does not load ({exc}); it may be truncated") from exc
     model = cli_model(bb, None, None) if getattr(bb, "lm_head", None) is not None else bb
     return model.to(device).eval(), report
