@@ -52,7 +52,7 @@ def _efficientnet_lite0(spec: BackboneSpec):
 @register_backbone(
     "cifar-resnet",
     takes_argument=True,
-    help="CIFAR-style ResNet trained from scratch (long-tail literature): cifar-resnet:32, cifar-resnet:8w8 (depth 6n+2)",
+    help="CIFAR-style ResNet trained from scratch (long-tail papers): cifar-resnet:32, cifar-resnet:8w8 (depth 6n+2)",
 )
 def _cifar_resnet(spec: BackboneSpec):
     from thrifty.backbones.cifar_resnet import load_cifar_resnet

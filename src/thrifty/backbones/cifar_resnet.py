@@ -120,7 +120,9 @@ def parse_resnet_argument(argument: str) -> tuple[int, int]:
         raise SpecError(f"cifar-resnet:{argument}: expected cifar-resnet:<depth>[w<width>], e.g. cifar-resnet:32")
     depth, width = int(m.group(1)), int(m.group(2) or 16)
     if depth < 8 or (depth - 2) % 6 or width <= 0:
-        raise SpecError(f"cifar-resnet depth must be 6n + 2 >= 8 (8, 20, 32, 44, 56, 110) and width > 0, got {argument}")
+        raise SpecError(
+            f"cifar-resnet depth must be 6n + 2 >= 8 (8, 20, 32, 44, 56, 110) and width > 0, got {argument}"
+        )
     return depth, width
 
 

@@ -259,14 +259,28 @@ class BTMRun:
         _, task = self.context()
         idx = self.subsets()[m]
         train = task.split(self.stage1_cfg.train_role)
-        sub = TaskData(f"{task.name}:subset{m}", {"train": train.subset(idx), "test": task.split("test")},
-                       task.num_classes, "full", task.meta, "long_tail")
+        sub = TaskData(
+            f"{task.name}:subset{m}",
+            {"train": train.subset(idx), "test": task.split("test")},
+            task.num_classes,
+            "full",
+            task.meta,
+            "long_tail",
+        )
         model = self.load_model(self.theta0_dir)
         cfg = dataclasses.replace(self.finetune_cfg, seed=self.finetune_cfg.seed * 1009 + m + 1, select_on_val=False)
         obj = self.objective()
         fit = Trainer(model, sub, cfg, out, objective=obj, data_parallel=False).fit(resume=True)
-        finish_run(Member(model, cfg, output_dir=out), sub, obj, fit, {}, _device(cfg), False,
-                   {"btm_stage": f"subset{m}", "subset_size": len(idx)})
+        finish_run(
+            Member(model, cfg, output_dir=out),
+            sub,
+            obj,
+            fit,
+            {},
+            _device(cfg),
+            False,
+            {"btm_stage": f"subset{m}", "subset_size": len(idx)},
+        )
 
     def run_subsets(self) -> None:
         pending = [m for m in range(self.config.subsets) if not _complete(self.path(f"subset{m}"))]
@@ -274,8 +288,9 @@ class BTMRun:
         if world > 1:
             for m in pending[rank::world]:
                 self.finetune(m)
-            barrier(init_distributed(torch.device(self.stage1_cfg.device if self.stage1_cfg.device != "auto"
-                                                  else "cpu")))
+            barrier(
+                init_distributed(torch.device(self.stage1_cfg.device if self.stage1_cfg.device != "auto" else "cpu"))
+            )
             return
         if self.config.workers == 1 or len(pending) <= 1:
             for m in pending:
@@ -296,8 +311,10 @@ class BTMRun:
         if self.config.merge == "greedy":
             role = self.config.soup_role
             if role == "val" and not task.has("val"):
-                raise ConfigError("the greedy soup selects on a val split and this task has none: use a :1k task, "
-                                  "train with select_on_val, or soup_role='train' (selects on the training split)")
+                raise ConfigError(
+                    "the greedy soup selects on a val split and this task has none: use a :1k task, "
+                    "train with select_on_val, or soup_role='train' (selects on the training split)"
+                )
             split = task.split("val" if role == "val" else self.stage1_cfg.train_role)
 
             def score(state):
@@ -311,8 +328,10 @@ class BTMRun:
         model.load_adapter_state_dict(merged)
         metrics = {f"test_{k}": v for k, v in self._evaluate(model, task.split("test"), obj).items()}
         model.save_pretrained(out)
-        write_json(os.path.join(out, RESULTS_NAME), {"status": "complete", "metrics": metrics, "merge": info,
-                                                     "task": task.describe()})
+        write_json(
+            os.path.join(out, RESULTS_NAME),
+            {"status": "complete", "metrics": metrics, "merge": info, "task": task.describe()},
+        )
 
     def _evaluate(self, model, split, obj) -> dict[str, Any]:
         return evaluate(model, split, self.stage1_cfg.eval_bs, _device(self.stage1_cfg), objective=obj)
@@ -322,8 +341,15 @@ class BTMRun:
         out = self.path("stage2")
         if s2 is None or _complete(out):
             return
-        retrain_classifier(self.load_model(self.path("merged")), self.context()[1], self.stage2_cfg, s2,
-                           self.class_counts(), out, extra={"btm_stage": "stage2"})
+        retrain_classifier(
+            self.load_model(self.path("merged")),
+            self.context()[1],
+            self.stage2_cfg,
+            s2,
+            self.class_counts(),
+            out,
+            extra={"btm_stage": "stage2"},
+        )
 
     # --- all ---------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -342,6 +368,7 @@ class BTMRun:
 
     def summarize(self, session_seconds: dict[str, float]) -> dict[str, Any]:
         """results.json: final metrics (stage 2, else merged), every stage's metrics and training seconds."""
+
         def metrics(d: str) -> dict[str, Any]:
             return _results(d).get("metrics", {})
 
@@ -360,8 +387,13 @@ class BTMRun:
             "status": "complete",
             "method": "btm",
             "metrics": metrics(final_dir),
-            "stages": {"stage1": metrics(self.theta0_dir), "subsets": subs, "undersample_mean": under,
-                       "merged": metrics(self.path("merged")), "stage2": metrics(self.path("stage2"))},
+            "stages": {
+                "stage1": metrics(self.theta0_dir),
+                "subsets": subs,
+                "undersample_mean": under,
+                "merged": metrics(self.path("merged")),
+                "stage2": metrics(self.path("stage2")),
+            },
             "train_seconds": {**seconds, "total": sum(seconds.values())},
             "session_seconds": session_seconds,
             "plan": self.plan,
@@ -371,8 +403,13 @@ class BTMRun:
 
 
 def retrain_classifier(
-    model: TunedModel, task: TaskData, train: TrainConfig, config: Stage2Config, class_counts: list[int],
-    output_dir: str | None, extra: dict[str, Any] | None = None,
+    model: TunedModel,
+    task: TaskData,
+    train: TrainConfig,
+    config: Stage2Config,
+    class_counts: list[int],
+    output_dir: str | None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Stage 2 / cRT (thrifty.longtail.stage2) with the one Trainer; resumes its checkpoint; saves the model."""
     lt = task.meta.get("long_tail") or {}
@@ -380,8 +417,16 @@ def retrain_classifier(
     obj = config.objective(class_counts, thresholds)
     with head_only(model, config):
         fit = Trainer(model, task, train, output_dir, objective=obj, data_parallel=False).fit(resume=True)
-    return finish_run(Member(model, train, output_dir=output_dir), task, obj, fit, {}, _device(train), False,
-                      {**(extra or {}), "stage2": asdict(config)})
+    return finish_run(
+        Member(model, train, output_dir=output_dir),
+        task,
+        obj,
+        fit,
+        {},
+        _device(train),
+        False,
+        {**(extra or {}), "stage2": asdict(config)},
+    )
 
 
 def run_workers(output_dir: str, subsets: list[int], workers: int) -> None:

@@ -43,9 +43,7 @@ def average_states(states: Sequence[State], weights: Sequence[float] | None = No
     return out
 
 
-def greedy_soup(
-    states: Sequence[State], score: Callable[[State], float]
-) -> tuple[State, list[int], list[float]]:
+def greedy_soup(states: Sequence[State], score: Callable[[State], float]) -> tuple[State, list[int], list[float]]:
     """Greedy soup (module docstring): returns (soup state, indices of the members used, scores of each single)."""
     singles = [float(score(s)) for s in states]
     order = sorted(range(len(states)), key=lambda i: -singles[i])

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from thrifty.errors import ConfigError
 from thrifty.objectives.base import Meter, Objective
 from thrifty.objectives.binary import BinaryObjective, roc_auc
 from thrifty.objectives.causal_lm import CausalLMObjective
 from thrifty.objectives.classification import ClassificationObjective
 from thrifty.objectives.long_tail import LongTailMeter, LongTailObjective, long_tail_metrics
-from thrifty.errors import ConfigError
 from thrifty.registry import Registry
 
 

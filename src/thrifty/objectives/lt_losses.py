@@ -105,4 +105,3 @@ def mixup(inputs, t: torch.Tensor, alpha: float, rng: np.random.Generator):
 
     mixed = {k: mix(v) for k, v in inputs.items()} if isinstance(inputs, dict) else mix(inputs)
     return mixed, lam * t + (1.0 - lam) * t[perm]
-

@@ -30,9 +30,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return out
 
 
-def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, kind: str = "adamw"
-) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, kind: str = "adamw") -> torch.optim.Optimizer:
     if kind == "sgd":
         return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=0.9)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
