@@ -151,3 +151,26 @@ def test_lt_data_selects_long_tail_and_objective_overrides(tmp_path):
     assert len(r["metrics"]["test_per_class_accuracy"]) == 10
     c = run_training(**kw, objective="classification", output_dir=str(tmp_path / "b"))
     assert c["objective"]["name"] == "classification" and "test_hmean" not in c["metrics"]
+
+
+def test_report_draws_a_per_class_bar_plot(tmp_path):
+    from thrifty.bench.collect import CellResult, Layout
+    from thrifty.bench.document import per_class_plots
+
+    layout = Layout("lt", "", [("fmnist-lt", "all")], ["ce", "btm"], [0, 1])
+    cells = [
+        CellResult(
+            "fmnist-lt",
+            m,
+            s,
+            "complete",
+            {
+                "metrics": {"test_per_class_accuracy": [0.9, 0.5 + 0.1 * s, 0.1]},
+                "objective": {"train_counts": [9, 1, 3]},
+            },
+        )
+        for m in ("ce", "btm")
+        for s in (0, 1)
+    ] + [CellResult("fmnist-lt", "ce", 2, "failed")]
+    (png,) = per_class_plots(layout, cells, str(tmp_path))
+    assert png.endswith("per_class-fmnist-lt.png") and (tmp_path / "per_class-fmnist-lt.png").stat().st_size > 1000
