@@ -52,14 +52,14 @@ ROWS = ("ce", "cb-reweight", "cb-resample", "logit-adjust", "mixup", "crt", "und
 _RESNET = dict(method="full", overrides={"bn_stats": "update"}, test_size=2000)
 _SGD = dict(optimizer="sgd", weight_decay=5e-4, grad_clip=None, warmup_epochs=1.0, progress=False)
 TASKS: dict[str, dict[str, Any]] = {
-    # reduced protocol (stated in docs/methods.md): n_max capped at 1000 per class, ResNet-8, 15 epochs
+    # reduced protocol (stated in docs/methods.md): n_max capped at 1000 per class, ResNet-8, 20 epochs
     "fmnist-lt100": dict(
         data="fashion-mnist:lt100-max1000",
         backbone=BackboneSpec("cifar-resnet:8", image_size=28),
-        train=TrainConfig(epochs=15, batch_size=128, lr=0.05, **_SGD),
-        finetune=TrainConfig(epochs=30, batch_size=32, lr=0.05, **_SGD),
-        stage2=TrainConfig(epochs=5, batch_size=128, lr=0.05 * 0.05, **_SGD),
-        crt=TrainConfig(epochs=5, batch_size=128, lr=0.05, **_SGD),
+        train=TrainConfig(epochs=20, batch_size=128, lr=0.05, **_SGD),
+        finetune=TrainConfig(epochs=80, batch_size=32, lr=0.02, **_SGD),
+        stage2=TrainConfig(epochs=10, batch_size=128, lr=0.05 * 0.05, **_SGD),  # MiSLAS: classifier lr x 0.05
+        crt=TrainConfig(epochs=10, batch_size=128, lr=0.05, **_SGD),
         **_RESNET,
     ),
     "reviews-lt": dict(
@@ -70,9 +70,9 @@ TASKS: dict[str, dict[str, Any]] = {
         test_size=None,
         cache=True,
         train=TrainConfig(epochs=20, batch_size=64, lr=3e-3, weight_decay=1e-4, progress=False),
-        finetune=TrainConfig(epochs=30, batch_size=16, lr=3e-3, weight_decay=1e-4, progress=False),
-        stage2=TrainConfig(epochs=5, batch_size=64, lr=1e-3, weight_decay=1e-4, progress=False),
-        crt=TrainConfig(epochs=5, batch_size=64, lr=3e-3, weight_decay=1e-4, progress=False),
+        finetune=TrainConfig(epochs=80, batch_size=16, lr=1e-3, weight_decay=1e-4, progress=False),
+        stage2=TrainConfig(epochs=10, batch_size=64, lr=1e-3, weight_decay=1e-4, progress=False),
+        crt=TrainConfig(epochs=10, batch_size=64, lr=3e-3, weight_decay=1e-4, progress=False),
     ),
 }
 TASKS["fmnist-lt10"] = {**TASKS["fmnist-lt100"], "data": "fashion-mnist:lt10-max1000"}
@@ -95,8 +95,14 @@ class Bench:
     def dir(self, method: str) -> str:
         return os.path.join(self.out, self.task, method, f"seed{self.seed}")
 
+    @property
+    def spec(self) -> BackboneSpec:
+        """The task's backbone; a from-scratch ResNet gets the seed's init (`cifar-resnet:8s<seed>`)."""
+        spec = self.cfg["backbone"]
+        return spec.replace(name=f"{spec.name}s{self.seed}") if spec.kind == "cifar-resnet" else spec
+
     def backbone(self):
-        return build_backbone(self.cfg["backbone"], init_seed=self.seed)
+        return build_backbone(self.spec)
 
     def train_cfg(self, key: str) -> TrainConfig:
         return replace(self.cfg[key], seed=self.seed)
@@ -138,7 +144,7 @@ class Bench:
             return
         BTMRun.create(
             out,
-            backbone=self.cfg["backbone"],
+            backbone=self.spec,
             data=self.cfg["data"],
             method=self.cfg["method"],
             overrides=self.cfg["overrides"],
@@ -148,7 +154,6 @@ class Bench:
             stage2=self.train_cfg("stage2"),
             config=self.btm,
             theta0=self.dir("mixup"),
-            init_seed=self.seed,
             split_seed=0,
             test_size=self.cfg["test_size"],
             cache=self.cache,
@@ -180,8 +185,11 @@ class Bench:
 
         def row(res: dict[str, Any], seconds: float) -> dict[str, Any]:
             m = res.get("metrics", {})
-            return {**{k: m.get(f"test_{k}") for k in METRICS}, "per_class": m.get("test_per_class_accuracy"),
-                    "train_seconds": seconds}
+            return {
+                **{k: m.get(f"test_{k}") for k in METRICS},
+                "per_class": m.get("test_per_class_accuracy"),
+                "train_seconds": seconds,
+            }
 
         for name in ("ce", "cb-reweight", "cb-resample", "logit-adjust", "mixup"):
             if _complete(self.dir(name)):
@@ -192,8 +200,9 @@ class Bench:
             res = _read(self.dir("btm"))
             t = res["train_seconds"]
             stages = res["stages"]
-            out["undersample"] = row({"metrics": stages["undersample_mean"]}, t["stage1"] + t["finetune"] / len(
-                stages["subsets"]))
+            out["undersample"] = row(
+                {"metrics": stages["undersample_mean"]}, t["stage1"] + t["finetune"] / len(stages["subsets"])
+            )
             out["btm-merge"] = row({"metrics": stages["merged"]}, t["stage1"] + t["finetune"])
             out["btm"] = row(res, t["total"])
         return out
@@ -222,9 +231,15 @@ def summarize(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[
         stats = {}
         for k in (*METRICS, "train_seconds"):
             vals = [r[k] for r in runs if r[k] is not None]
-            stats[k] = None if not vals else {
-                "mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
-                "n": len(vals)}
+            stats[k] = (
+                None
+                if not vals
+                else {
+                    "mean": float(np.mean(vals)),
+                    "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                    "n": len(vals),
+                }
+            )
         pcs = [r["per_class"] for r in runs if r.get("per_class")]
         stats["per_class"] = [float(np.mean([p[i] for p in pcs])) for i in range(len(pcs[0]))] if pcs else None
         out[name] = stats
@@ -236,7 +251,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| task | method | " + " | ".join(cols) + " | train s | seeds |", "|---|---|" + "---:|" * (len(cols) + 2)]
     for task, res in results.items():
         for name, s in res["rows"].items():
-            def cell(k):
+
+            def cell(k, s=s):
                 v = s.get(k)
                 if v is None:
                     return "-"
@@ -244,8 +260,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
             secs = s["train_seconds"]["mean"] if s.get("train_seconds") else None
             n = max((v["n"] for k, v in s.items() if k in METRICS and v), default=0)
-            lines.append(f"| {task} | {name} | " + " | ".join(cell(k) for k in METRICS)
-                         + f" | {'-' if secs is None else f'{secs:.0f}'} | {n} |")
+            lines.append(
+                f"| {task} | {name} | "
+                + " | ".join(cell(k) for k in METRICS)
+                + f" | {'-' if secs is None else f'{secs:.0f}'} | {n} |"
+            )
     return "\n".join(lines)
 
 
@@ -261,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="benchmarks/results/longtail.json")
     p.add_argument("--plots", default=None, help="folder for per-class bar plots (one per task)")
     p.add_argument("--collect-only", action="store_true", help="only read finished runs and write the table")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a busy box)")
     args = p.parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     tasks = {"digits-lt10": SMOKE} if args.smoke else {t: TASKS[t] for t in args.tasks.split(",")}
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = args.rows.split(",")
@@ -275,23 +295,38 @@ def main(argv: list[str] | None = None) -> int:
             if not args.collect_only:
                 b.run_all(rows)
             per_seed[seed] = b.collect()
-        results[task] = {"data": cfg["data"], "backbone": cfg["backbone"].name, "method": cfg["method"],
-                         "seeds": seeds, "rows": summarize(per_seed), "per_seed": per_seed}
+        results[task] = {
+            "data": cfg["data"],
+            "backbone": cfg["backbone"].name,
+            "method": cfg["method"],
+            "seeds": seeds,
+            "rows": summarize(per_seed),
+            "per_seed": per_seed,
+        }
         if args.plots:
             from thrifty.bench.plots import plot_per_class
 
-            counts = _read(Bench(args.out, task, cfg, seeds[0], btm).dir("ce")).get("objective", {}).get("train_counts")
-            series = {n: s["per_class"] for n, s in results[task]["rows"].items() if s.get("per_class")
-                      and n in ("ce", "logit-adjust", "crt", "undersample", "btm")}
-            plot_per_class(series, counts, os.path.join(args.plots, f"longtail_per_class_{task}.png"),
-                           f"{task}: per-class test accuracy (mean over seeds)")
+            first = _read(Bench(args.out, task, cfg, seeds[0], btm).dir("ce"))
+            counts = first.get("objective", {}).get("train_counts")
+            series = {
+                n: s["per_class"]
+                for n, s in results[task]["rows"].items()
+                if s.get("per_class") and n in ("ce", "logit-adjust", "crt", "undersample", "btm")
+            }
+            plot_per_class(
+                series,
+                counts,
+                os.path.join(args.plots, f"longtail_per_class_{task}.png"),
+                f"{task}: per-class test accuracy (mean over seeds)",
+            )
     md = table(results)
     print(md)
     payload = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{os.cpu_count()} logical CPU cores, torch {torch.__version__}, shared with other jobs",
-        "protocol": {t: {k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in c.items()} for t, c in
-                     tasks.items()},
+        "protocol": {
+            t: {k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in c.items()} for t, c in tasks.items()
+        },
         "btm": btm.__dict__ | {"stage2": btm.stage2.__dict__ if btm.stage2 else None},
         "results": results,
         "table": md,

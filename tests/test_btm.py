@@ -118,7 +118,6 @@ def _btm(out, **kw):
         finetune=TrainConfig(epochs=2, batch_size=16, lr=1e-3, progress=False),
         stage2=TrainConfig(epochs=1, batch_size=64, lr=3e-3, progress=False),
         config=BTMConfig(subsets=3, per_class=5),
-        init_seed=0,
         **kw,
     )
 

@@ -1,5 +1,6 @@
 """The CIFAR-style ResNet of the long-tail literature (He et al. 2016 §4.2; LDAM-DRW / MiSLAS `resnet32`), trained
-from scratch: `cifar-resnet:<depth>[w<width>]`, depth = 6n + 2 (8, 20, 32, 44, 56, 110), base width 16.
+from scratch: `cifar-resnet:<depth>[w<width>][s<seed>]`, depth = 6n + 2 (8, 20, 32, 44, 56, 110), base width 16,
+init seed 0 (`s<seed>` draws another init, so the spec string alone reproduces the starting weights).
 
     embed:  conv3x3(3 -> w) + BN + ReLU                    (B, w, H, W)
     blocks: 3 stages of n BasicBlocks, widths w, 2w, 4w, strides 1, 2, 2; option-A shortcuts (stride-2
@@ -8,7 +9,7 @@ from scratch: `cifar-resnet:<depth>[w<width>]`, depth = 6n + 2 (8, 20, 32, 44, 5
 
 No packaged weights exist: `source` is "random" (He/Kaiming-normal init of convs, as LDAM-DRW's `_weights_init`)
 or a local `--checkpoint` (a safetensors state dict of this module's `model`). `reset_parameters_(seed)` re-draws
-the init with another seed (a from-scratch benchmark varies the init with the training seed).
+the init in place.
 """
 
 from __future__ import annotations
@@ -113,24 +114,30 @@ class CifarResNet(Backbone):
         return self
 
 
-def parse_resnet_argument(argument: str) -> tuple[int, int]:
-    """'32' -> (32, 16); '8w8' -> (8, 8). Depth must be 6n + 2."""
-    m = re.fullmatch(r"(\d+)(?:w(\d+))?", argument or "")
+def parse_resnet_argument(argument: str) -> tuple[int, int, int | None]:
+    """'32' -> (32, 16, None); '8w8s3' -> (8, 8, 3). Depth must be 6n + 2."""
+    m = re.fullmatch(r"(\d+)(?:w(\d+))?(?:s(\d+))?", argument or "")
     if not m:
-        raise SpecError(f"cifar-resnet:{argument}: expected cifar-resnet:<depth>[w<width>], e.g. cifar-resnet:32")
-    depth, width = int(m.group(1)), int(m.group(2) or 16)
+        raise SpecError(
+            f"cifar-resnet:{argument}: expected cifar-resnet:<depth>[w<width>][s<seed>], e.g. cifar-resnet:32"
+        )
+    depth, width, seed = int(m.group(1)), int(m.group(2) or 16), m.group(3)
     if depth < 8 or (depth - 2) % 6 or width <= 0:
         raise SpecError(
             f"cifar-resnet depth must be 6n + 2 >= 8 (8, 20, 32, 44, 56, 110) and width > 0, got {argument}"
         )
-    return depth, width
+    return depth, width, None if seed is None else int(seed)
 
 
 def load_cifar_resnet(
     argument: str, *, checkpoint: str | None = None, pretrained: bool | None = None, image_size: int | None = None
 ) -> CifarResNet:
-    depth, width = parse_resnet_argument(argument)
+    depth, width, seed = parse_resnet_argument(argument)
     model = CifarResNetModel(depth, width)
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.reset_parameters()
     source = "random"
     if checkpoint is not None:
         from thrifty.io import load_tensors

@@ -85,12 +85,9 @@ class BTMConfig:
             self.stage2 = Stage2Config(**self.stage2)
 
 
-def build_backbone(spec: BackboneSpec | dict, init_seed: int | None = None) -> Backbone:
-    """Load a backbone; a from-scratch one (`reset_parameters_`) re-draws its init with `init_seed`."""
-    bb = load_backbone(spec if isinstance(spec, BackboneSpec) else BackboneSpec.from_dict(spec))
-    if init_seed is not None and hasattr(bb, "reset_parameters_"):
-        bb.reset_parameters_(init_seed)
-    return bb
+def build_backbone(spec: str | BackboneSpec | dict) -> Backbone:
+    """Load a backbone from a spec (string, BackboneSpec or its dict)."""
+    return load_backbone(BackboneSpec.from_dict(spec) if isinstance(spec, dict) else spec)
 
 
 def _train_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -132,7 +129,6 @@ class BTMRun:
         stage2: TrainConfig | None = None,
         config: BTMConfig | None = None,
         theta0: str | None = None,
-        init_seed: int | None = None,
         split_seed: int | None = None,
         test_size: int | None = None,
         cache: str | None = None,
@@ -154,7 +150,6 @@ class BTMRun:
             "stage2_train": _train_dict(stage2 or TrainConfig(epochs=10, lr=stage1.lr, seed=stage1.seed)),
             "btm": asdict(config),
             "theta0": os.path.abspath(theta0) if theta0 else None,
-            "init_seed": init_seed,
             "split_seed": stage1.seed if split_seed is None else split_seed,
             "test_size": test_size,
             "cache": os.path.abspath(cache) if cache else None,
@@ -184,7 +179,7 @@ class BTMRun:
         """The backbone (pristine: models are built on copies) and the task (from the feature cache if any)."""
         if self._ctx is None:
             p = self.plan
-            bb = build_backbone(p["backbone"], p["init_seed"])
+            bb = build_backbone(p["backbone"])
             task = load_data(p["data"], bb.preprocess, seed=p["split_seed"], test_size=p["test_size"])
             if p["cache"]:
                 probe = get_tuned_model(copy.deepcopy(bb), self._method_config(), task.num_classes)
