@@ -63,7 +63,7 @@ TASKS: dict[str, dict[str, Any]] = {
         **_RESNET,
     ),
     "reviews-lt": dict(
-        data="reviews:lt20-count",
+        data="reviews:lt100-count-max1000",  # 1000, 316, 100, 31, 10 reviews (5 to 1 stars)
         backbone=BackboneSpec("minilm", max_length=64),
         method="linear",
         overrides={},
