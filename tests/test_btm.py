@@ -12,7 +12,7 @@ from thrifty.data import balanced_subsets, load_data
 from thrifty.errors import CheckpointError, ConfigError, ResultsExistError
 from thrifty.io import read_json
 from thrifty.longtail import BTMConfig, BTMRun, LWSHead, Stage2Config, average_states, greedy_soup, head_only
-from thrifty.longtail.btm import retrain_classifier
+from thrifty.longtail import retrain_classifier
 from thrifty.train import TrainConfig
 from thrifty.tuners import get_tuned_model, make_config
 

@@ -4,10 +4,11 @@ class-balanced classifier re-training stage), cRT, weight-space merging, and the
 The data side (`:lt<IF>`, shot groups, balanced subsets) is `thrifty.data.longtail`; the metrics, criteria and
 sampler are the `long_tail` objective (`thrifty.objectives.long_tail`)."""
 
-from thrifty.longtail.btm import BTMConfig, BTMRun, build_backbone, retrain_classifier, run_workers
+from thrifty.longtail.btm import BTMConfig, BTMRun, build_backbone
 from thrifty.longtail.merge import average_states, greedy_soup
 from thrifty.longtail.recipes import BASELINES, Baseline
-from thrifty.longtail.stage2 import LWSHead, Stage2Config, head_only
+from thrifty.longtail.stage2 import LWSHead, Stage2Config, head_only, retrain_classifier
+from thrifty.longtail.worker import run_workers
 
 
 __all__ = [

@@ -22,8 +22,6 @@ import copy
 import dataclasses
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,7 +34,7 @@ from thrifty.data import TaskData, balanced_subsets, load_data
 from thrifty.errors import ConfigError, ResultsExistError
 from thrifty.io import read_json, write_json
 from thrifty.longtail.merge import average_states, greedy_soup
-from thrifty.longtail.stage2 import Stage2Config, head_only
+from thrifty.longtail.stage2 import Stage2Config, retrain_classifier
 from thrifty.objectives import LongTailObjective, make_objective
 from thrifty.train import TrainConfig, Trainer, evaluate
 from thrifty.train.distributed import barrier, init_distributed
@@ -112,6 +110,7 @@ class BTMRun:
         self.stage1_cfg, self.finetune_cfg = TrainConfig(**plan["stage1"]), TrainConfig(**plan["finetune"])
         self.stage2_cfg = TrainConfig(**plan["stage2_train"])
         self._ctx: tuple[Backbone, TaskData] | None = None
+        self._raw_task: TaskData | None = None  # the task before the feature cache replaced its splits
 
     # --- plan --------------------------------------------------------------------------------------------------
     @classmethod
@@ -147,7 +146,8 @@ class BTMRun:
             "objective": _objective_spec(objective),
             "stage1": _train_dict(stage1),
             "finetune": _train_dict(finetune or stage1),
-            "stage2_train": _train_dict(stage2 or TrainConfig(epochs=10, lr=stage1.lr, seed=stage1.seed)),
+            # MiSLAS stage 2: 10 epochs, classifier lr x 0.05
+            "stage2_train": _train_dict(stage2 or dataclasses.replace(stage1, epochs=10, lr=stage1.lr * 0.05)),
             "btm": asdict(config),
             "theta0": os.path.abspath(theta0) if theta0 else None,
             "split_seed": stage1.seed if split_seed is None else split_seed,
@@ -180,7 +180,7 @@ class BTMRun:
         if self._ctx is None:
             p = self.plan
             bb = build_backbone(p["backbone"])
-            task = load_data(p["data"], bb.preprocess, seed=p["split_seed"], test_size=p["test_size"])
+            task = self._raw_task = load_data(p["data"], bb.preprocess, seed=p["split_seed"], test_size=p["test_size"])
             if p["cache"]:
                 probe = get_tuned_model(copy.deepcopy(bb), self._method_config(), task.num_classes)
                 task = use_feature_cache([probe], task, p["cache"], self.stage1_cfg)
@@ -220,10 +220,11 @@ class BTMRun:
     def stage1(self) -> None:
         if self.plan["theta0"] or _complete(self.theta0_dir):
             return
-        bb, task = self.context()
+        bb, _ = self.context()
         run_training(
             backbone=copy.deepcopy(bb),
-            data=task,
+            data=self._raw_task,
+            cache=self.plan["cache"],
             method=self.plan["method"],
             overrides=self.plan["overrides"],
             train=self.stage1_cfg,
@@ -281,6 +282,9 @@ class BTMRun:
         pending = [m for m in range(self.config.subsets) if not _complete(self.path(f"subset{m}"))]
         world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         if world > 1:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if torch.cuda.is_available() and self.stage1_cfg.device in ("auto", "cuda"):
+                torch.cuda.set_device(local)  # one GPU per rank
             for m in pending[rank::world]:
                 self.finetune(m)
             barrier(
@@ -291,6 +295,8 @@ class BTMRun:
             for m in pending:
                 self.finetune(m)
             return
+        from thrifty.longtail.worker import run_workers
+
         run_workers(self.dir, pending, self.config.workers)
 
     def merge(self) -> None:
@@ -397,56 +403,6 @@ class BTMRun:
         return results
 
 
-def retrain_classifier(
-    model: TunedModel,
-    task: TaskData,
-    train: TrainConfig,
-    config: Stage2Config,
-    class_counts: list[int],
-    output_dir: str | None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Stage 2 / cRT (thrifty.longtail.stage2) with the one Trainer; resumes its checkpoint; saves the model."""
-    lt = task.meta.get("long_tail") or {}
-    thresholds = {k: lt[k] for k in ("many_threshold", "few_threshold") if k in lt}
-    obj = config.objective(class_counts, thresholds)
-    with head_only(model, config):
-        fit = Trainer(model, task, train, output_dir, objective=obj, data_parallel=False).fit(resume=True)
-    return finish_run(
-        Member(model, train, output_dir=output_dir),
-        task,
-        obj,
-        fit,
-        {},
-        _device(train),
-        False,
-        {**(extra or {}), "stage2": asdict(config)},
-    )
-
-
-def run_workers(output_dir: str, subsets: list[int], workers: int) -> None:
-    """Fine-tune `subsets` in up to `workers` processes at once (each with cores / workers torch threads)."""
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "WORLD_SIZE": "1"}
-    queue, running, failed = list(subsets), {}, []
-    while queue or running:
-        while queue and len(running) < workers:
-            m = queue.pop(0)
-            cmd = [sys.executable, "-m", "thrifty.longtail.worker", output_dir, str(m)]
-            log = open(os.path.join(output_dir, f"subset{m}.log"), "ab")  # noqa: SIM115 (closed below)
-            running[m] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-        time.sleep(0.2)
-        for m, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[m]
-                print(f"BTM subset {m}: {'done' if proc.returncode == 0 else f'failed ({proc.returncode})'}")
-                if proc.returncode != 0:
-                    failed.append(m)
-    if failed:
-        raise ConfigError(f"BTM subsets {failed} failed; see {output_dir}/subset<m>.log, then rerun with resume")
-
-
 def read_json_roundtrip(obj: dict[str, Any]) -> dict[str, Any]:
     """`obj` as it reads back from JSON (so a resumed plan compares equal)."""
     import json
@@ -475,4 +431,4 @@ def _device(cfg: TrainConfig) -> torch.device:
     return resolve_device(cfg.device)
 
 
-__all__ = ["BTMConfig", "BTMRun", "build_backbone", "retrain_classifier", "run_workers"]
+__all__ = ["BTMConfig", "BTMRun", "build_backbone"]

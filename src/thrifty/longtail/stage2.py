@@ -14,14 +14,20 @@ the class-balanced sampler. Options:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from thrifty.data import TaskData
 from thrifty.errors import ConfigError
 from thrifty.objectives import LongTailObjective
+from thrifty.runtime import resolve_device
+from thrifty.train import TrainConfig, Trainer
+from thrifty.train.run import finish_run
+from thrifty.train.trainer import Member
+from thrifty.tuners import TunedModel
 
 
 @dataclass
@@ -115,3 +121,30 @@ def head_only(model: nn.Module, config: Stage2Config):
             p.requires_grad_(n in trainable)
         if bn_before is not None:
             model.config.bn_stats = bn_before
+
+
+def retrain_classifier(
+    model: TunedModel,
+    task: TaskData,
+    train: TrainConfig,
+    config: Stage2Config,
+    class_counts: list[int],
+    output_dir: str | None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Stage 2 / cRT (thrifty.longtail.stage2) with the one Trainer; resumes its checkpoint; saves the model."""
+    lt = task.meta.get("long_tail") or {}
+    thresholds = {k: lt[k] for k in ("many_threshold", "few_threshold") if k in lt}
+    obj = config.objective(class_counts, thresholds)
+    with head_only(model, config):
+        fit = Trainer(model, task, train, output_dir, objective=obj, data_parallel=False).fit(resume=True)
+    return finish_run(
+        Member(model, train, output_dir=output_dir),
+        task,
+        obj,
+        fit,
+        {},
+        resolve_device(train.device),
+        False,
+        {**(extra or {}), "stage2": asdict(config)},
+    )
