@@ -103,6 +103,8 @@ def test_imbalanced_data_selects_long_tail_by_default():
     assert task.objective == "long_tail" and task.meta["long_tail"]["class_counts"] == [200, 19, 11]
     mild = ArrayImageDataset(imgs[:60], np.array([0] * 30 + [1] * 20 + [2] * 10), PRE)
     assert with_default_objective(TaskData("y", {"train": mild, "test": mild}, 3)).objective is None
+    one_k = {s: ds for s in ("train800", "val200", "train800val200", "test")}
+    assert with_default_objective(TaskData("z", one_k, 3, "1k")).objective is None  # VTAB-1K keeps top-1
 
 
 def _cifar_batch(path, rows, labels, key):

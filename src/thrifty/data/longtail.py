@@ -9,7 +9,7 @@ then each class keeps the first n_r of a seeded shuffle of its samples. n_max is
 every class still has n_r samples (for a balanced source: the class size, as in CIFAR-LT), capped by `max`.
 Class order: `index` (class 0 is the head; CIFAR-LT's), `perm` (a seeded permutation), `count` (descending source
 count, for already-skewed sources). Modifier syntax: `:lt<IF>[-index|-perm|-count][-max<N>]`, e.g.
-`fashion-mnist:lt100`, `reviews:lt20-count`, `digits:lt10-perm-max50`.
+`fashion-mnist:lt100`, `reviews:lt100-count-max1000`, `digits:lt10-perm-max50`.
 
 Composition with `:1k` (either order in the spec): the source, and its 1k draw if any, load first; then every split
 that trains gets the profile on its own (protocol "full": `train`; "1k": `train800val200` and `train800`, each with
@@ -179,8 +179,9 @@ def apply_long_tail(task, spec: LongTailSpec, seed: int = 0):
 
 def with_default_objective(task):
     """`task` with objective `long_tail` when it has none and its training split's max/min class count exceeds
-    IMBALANCE_FACTOR (10); the counts and groups are recorded in `meta["long_tail"]`."""
-    if task.objective is not None or not task.has("train"):
+    IMBALANCE_FACTOR (10); the counts and groups are recorded in `meta["long_tail"]`. Tasks of the 1k protocol
+    (VTAB-1K) keep top-1 classification, the protocol's metric, unless `:lt` or `--objective` asks otherwise."""
+    if task.objective is not None or task.protocol == "1k" or not task.has("train"):
         return task
     train = task.split("train")
     if imbalance_ratio(train.labels, task.num_classes) <= IMBALANCE_FACTOR:
