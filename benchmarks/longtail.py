@@ -200,6 +200,9 @@ class Bench:
             res = _read(self.dir("btm"))
             t = res["train_seconds"]
             stages = res["stages"]
+            pcs = [m["test_per_class_accuracy"] for m in stages["subsets"] if m.get("test_per_class_accuracy")]
+            if pcs:  # the mean per-class accuracy of the M subset models
+                stages["undersample_mean"]["test_per_class_accuracy"] = np.mean(np.array(pcs, float), 0).tolist()
             out["undersample"] = row(
                 {"metrics": stages["undersample_mean"]}, t["stage1"] + t["finetune"] / len(stages["subsets"])
             )

@@ -378,6 +378,9 @@ class BTMRun:
         for k in METRICS:
             vals = [s.get(f"test_{k}") for s in subs if s.get(f"test_{k}") is not None]
             under[f"test_{k}"] = float(np.mean(vals)) if vals else None
+        pcs = [s["test_per_class_accuracy"] for s in subs if s.get("test_per_class_accuracy")]
+        if pcs and all(None not in p for p in pcs):
+            under["test_per_class_accuracy"] = np.mean(np.array(pcs, float), 0).tolist()
         final_dir = self.path("stage2") if self.config.stage2 is not None else self.path("merged")
         seconds = {
             "stage1": _train_seconds(self.theta0_dir),
