@@ -201,7 +201,7 @@ class Bench:
             t = res["train_seconds"]
             stages = res["stages"]
             pcs = [m["test_per_class_accuracy"] for m in stages["subsets"] if m.get("test_per_class_accuracy")]
-            if pcs:  # the mean per-class accuracy of the M subset models
+            if pcs and all(None not in p for p in pcs):  # the mean per-class accuracy of the M subset models
                 stages["undersample_mean"]["test_per_class_accuracy"] = np.mean(np.array(pcs, float), 0).tolist()
             out["undersample"] = row(
                 {"metrics": stages["undersample_mean"]}, t["stage1"] + t["finetune"] / len(stages["subsets"])
