@@ -9,10 +9,18 @@ from safetensors.torch import load_file
 
 from thrifty.backbones import BackboneSpec, load_backbone
 from thrifty.data import balanced_subsets, load_data
-from thrifty.errors import CheckpointError, ConfigError, ResultsExistError
+from thrifty.errors import CheckpointError, ConfigError, ResultsExistError, SpecError
 from thrifty.io import read_json
-from thrifty.longtail import BTMConfig, BTMRun, LWSHead, Stage2Config, average_states, greedy_soup, head_only
-from thrifty.longtail import retrain_classifier
+from thrifty.longtail import (
+    BTMConfig,
+    BTMRun,
+    LWSHead,
+    Stage2Config,
+    average_states,
+    greedy_soup,
+    head_only,
+    retrain_classifier,
+)
 from thrifty.train import TrainConfig
 from thrifty.tuners import get_tuned_model, make_config
 
@@ -169,3 +177,27 @@ def test_greedy_soup_needs_a_val_split(tmp_path):
     run.merge()
     info = read_json(tmp_path / "g" / "merged" / "results.json")["merge"]
     assert info["merge"] == "greedy" and len(info["single_scores"]) == 3 and 1 <= len(info["members"]) <= 3
+
+
+def test_cifar_resnet_is_the_papers_architecture_and_seeded_by_spec():
+
+    bb = load_backbone("cifar-resnet:32")
+    model = get_tuned_model(bb, make_config("full"), 10)
+    # He et al. 2016 ResNet-32 (option A): 432 stem + 23,040 / 87,552 / 350,208 conv weights per stage, 2,272 BN
+    # affine parameters, 650 in Linear(64, 10) = 464,154 (the "0.46M" of the paper's CIFAR table)
+    assert sum(p.numel() for p in model.parameters()) == 464_154
+    assert len(bb.blocks) == 15 and bb.num_features == 64
+    x = torch.randn(2, 3, 32, 32)
+    assert bb.forward_features(x).shape == (2, 64) and [t.shape[1] for t in bb.forward_taps(x, [4, 9, 14])] == [
+        16,
+        32,
+        64,
+    ]
+    a, b = load_backbone("cifar-resnet:8w4s3"), load_backbone("cifar-resnet:8w4s3")
+    c = load_backbone("cifar-resnet:8w4").reset_parameters_(3)
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) and torch.equal(sa[k], sc[k]) for k in sa)
+    assert a.checkpoint_hash == c.checkpoint_hash != load_backbone("cifar-resnet:8w4s4").checkpoint_hash
+    for bad in ("cifar-resnet:9", "cifar-resnet:x"):
+        with pytest.raises(SpecError):
+            load_backbone(bad)
