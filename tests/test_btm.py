@@ -201,3 +201,39 @@ def test_cifar_resnet_is_the_papers_architecture_and_seeded_by_spec():
     for bad in ("cifar-resnet:9", "cifar-resnet:x"):
         with pytest.raises(SpecError):
             load_backbone(bad)
+
+
+def _cli_btm(out, *extra):
+    return [
+        "-m",
+        "thrifty.cli.main",
+        "btm",
+        *("--backbone", "cifar-resnet:8w4", "--image-size", "8", "--data", "digits:lt10", "--method", "full"),
+        *("--set", "bn_stats=update", "--epochs", "1", "--batch-size", "64", "--lr", "0.05", "--optimizer", "sgd"),
+        *("--subsets", "3", "--per-class", "5", "--finetune-epochs", "2", "--stage2-epochs", "1", "--no-progress"),
+        *("--output", str(out), *extra),
+    ]
+
+
+@pytest.mark.slow  # two torchrun processes (~1 min on a busy 2-core box): run with -m slow
+def test_torchrun_ranks_split_the_subsets_and_equal_one_process(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    dist = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    r = subprocess.run(dist + _cli_btm(tmp_path / "ddp"), env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the same subsets fine-tuned in one process from the torchrun stage 1: bit-identical subset, merged, final
+    one = [sys.executable, *_cli_btm(tmp_path / "one", "--theta0", str(tmp_path / "ddp" / "stage1"))]
+    r = subprocess.run(one, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("subset1", "merged", "stage2"):
+        a = load_file(str(tmp_path / "ddp" / stage / "adapter_model.safetensors"))
+        b = load_file(str(tmp_path / "one" / stage / "adapter_model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), stage

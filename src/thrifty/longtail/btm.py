@@ -156,6 +156,8 @@ class BTMRun:
         }
         plan = read_json_roundtrip(plan)
         path = os.path.join(output_dir, PLAN)
+        if _rank() != 0:  # under torchrun rank 0 checks and writes the plan; the others only read their arguments
+            return cls(output_dir, plan)
         if os.path.exists(path):
             if overwrite:
                 shutil.rmtree(output_dir)
@@ -287,9 +289,7 @@ class BTMRun:
                 torch.cuda.set_device(local)  # one GPU per rank
             for m in pending[rank::world]:
                 self.finetune(m)
-            barrier(
-                init_distributed(torch.device(self.stage1_cfg.device if self.stage1_cfg.device != "auto" else "cpu"))
-            )
+            self._sync()
             return
         if self.config.workers == 1 or len(pending) <= 1:
             for m in pending:
@@ -358,14 +358,20 @@ class BTMRun:
         for name, step in (("stage1", self.stage1), ("subsets", self.subsets), ("finetune", self.run_subsets)):
             t0 = time.perf_counter()
             step()
+            self._sync()  # torchrun: rank 0's stage-1 files and subsets.json exist before anyone reads them
             times[name] = time.perf_counter() - t0
-        if int(os.environ.get("RANK", "0")) != 0:
+        if _rank() != 0:
             return {}
         for name, step in (("merge", self.merge), ("stage2", self.stage2)):
             t0 = time.perf_counter()
             step()
             times[name] = time.perf_counter() - t0
         return self.summarize(times)
+
+    def _sync(self) -> None:
+        """A barrier across torchrun ranks (a no-op in one process)."""
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            barrier(init_distributed(_device(self.stage1_cfg)))
 
     def summarize(self, session_seconds: dict[str, float]) -> dict[str, Any]:
         """results.json: final metrics (stage 2, else merged), every stage's metrics and training seconds."""
@@ -411,6 +417,10 @@ def read_json_roundtrip(obj: dict[str, Any]) -> dict[str, Any]:
     import json
 
     return json.loads(json.dumps(obj, sort_keys=True))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _results(directory: str) -> dict[str, Any]:
