@@ -144,6 +144,11 @@ class Bench:
         if _complete(out):
             return
         bb = self.backbone()
+        saved = read_json(os.path.join(source, "adapter_config.json")).get("base_model_name_or_path")
+        if saved != bb.name and self.spec.kind == "cifar-resnet":
+            # runs made before the init seed moved into the spec name the backbone `cifar-resnet:8`; `full` saved
+            # every weight, so the name only has to match
+            bb = build_backbone(self.spec.replace(name=saved))
         task = load_data(self.cfg["data"], bb.preprocess, seed=0, test_size=self.cfg["test_size"])
         model = TunedModel.from_pretrained(copy.deepcopy(bb), source, is_trainable=True, check_weights=False)
         if self.cache:

@@ -125,7 +125,7 @@ def plot_per_class(series: dict[str, list[float | None]], counts: list[int] | No
     k = max((len(v) for v in series.values()), default=0)
     order = sorted(range(k), key=lambda c: -counts[c]) if counts and len(counts) == k else list(range(k))
     width = 0.8 / max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * k * max(1, len(series)) ** 0.5 + 2), 3.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * k * max(1, len(series)) ** 0.5 + 3.5), 3.8), dpi=120)
     for j, (label, accs) in enumerate(series.items()):
         ys = [100.0 * accs[c] if c < len(accs) and accs[c] is not None else np.nan for c in order]
         ax.bar(np.arange(k) + (j - (len(series) - 1) / 2) * width, ys, width, label=label)
@@ -135,7 +135,7 @@ def plot_per_class(series: dict[str, list[float | None]], counts: list[int] | No
     ax.set_ylabel("test accuracy %")
     ax.set_ylim(0, 100)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=min(4, len(series)) or 1, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach 100 %
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
