@@ -17,7 +17,7 @@ LAYERS = [
     {"features"},
     {"objectives", "tuners"},
     {"train"},
-    {"bench", "serve", "compress"},
+    {"bench", "serve", "compress", "longtail"},
     {"cli"},
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}

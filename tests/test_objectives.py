@@ -22,7 +22,7 @@ from thrifty.objectives import (
 
 
 def test_registry_names_come_from_the_classes():
-    assert available_objectives() == ["binary", "causal_lm", "classification"]
+    assert available_objectives() == ["binary", "causal_lm", "classification", "long_tail"]
     assert isinstance(make_objective(None), ClassificationObjective)
     assert make_objective("binary", {"pos_weight": "2.5"}).pos_weight == 2.5
     with pytest.raises(ConfigError, match="unknown objective"):

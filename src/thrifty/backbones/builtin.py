@@ -65,6 +65,19 @@ def _efficientnet_lite0(spec: BackboneSpec):
     return load_efficientnet_lite0(pretrained=spec.pretrained, image_size=spec.image_size)
 
 
+@register_backbone(
+    "cifar-resnet",
+    takes_argument=True,
+    help="CIFAR-style ResNet trained from scratch (long-tail papers): cifar-resnet:32, cifar-resnet:8w8 (depth 6n+2)",
+)
+def _cifar_resnet(spec: BackboneSpec):
+    from thrifty.backbones.cifar_resnet import load_cifar_resnet
+
+    return load_cifar_resnet(
+        spec.argument, checkpoint=spec.checkpoint, pretrained=spec.pretrained, image_size=spec.image_size
+    )
+
+
 @register_backbone("remote", takes_argument=True, help="a feature server (thrifty serve): remote:http://HOST:PORT")
 def _remote(spec: BackboneSpec):
     from thrifty.backbones.remote import RemoteBackbone

@@ -8,7 +8,7 @@ import shutil
 from typing import Any
 
 from thrifty.bench.collect import CellResult, aggregate, collect, metric_label
-from thrifty.bench.plots import PLOTS, group_slug, plot_tradeoffs, remove_stale_plots
+from thrifty.bench.plots import PLOTS, group_slug, plot_per_class, plot_tradeoffs, remove_stale_plots
 from thrifty.bench.report import (
     caption,
     cells_csv,
@@ -114,7 +114,33 @@ def tradeoff_text(plots: list[str], groups: list[str]) -> str:
     return text
 
 
-def render(layout, rows, cells, prov, plots: list[str], md_dir: str, heading: str, note: str = "") -> str:
+def per_class_plots(layout, cells: list[CellResult], out_dir: str) -> list[str]:
+    """One bar plot per task whose runs report `test_per_class_accuracy` (the long_tail objective): each method's
+    per-class accuracy, mean over its complete seeds, classes ordered by training count."""
+    written = []
+    for task, _ in layout.tasks:
+        series, counts = {}, None
+        for label in layout.methods:
+            runs = [c.results for c in cells if c.ok and c.task == task and c.label == label]
+            accs = [
+                r["metrics"]["test_per_class_accuracy"] for r in runs if r["metrics"].get("test_per_class_accuracy")
+            ]
+            if not accs:
+                continue
+            series[label] = [
+                None if any(a[i] is None for a in accs) else sum(a[i] for a in accs) / len(accs)
+                for i in range(len(accs[0]))
+            ]
+            counts = counts or ((runs[0].get("objective") or {}).get("train_counts"))
+        if series:
+            name = "per_class-" + "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in task) + ".png"
+            written.append(plot_per_class(series, counts, os.path.join(out_dir, name), f"{task}: per-class accuracy"))
+    return written
+
+
+def render(
+    layout, rows, cells, prov, plots: list[str], md_dir: str, heading: str, note: str = "", per_class=()
+) -> str:
     rel = [os.path.relpath(p, md_dir) for p in plots]
     parts = [f"# {heading}", ""]
     if note:
@@ -127,6 +153,9 @@ def render(layout, rows, cells, prov, plots: list[str], md_dir: str, heading: st
         parts += ["### Failed runs", "", fails, ""]
     parts += ["## Trade-offs", "", tradeoff_text(plots, layout.groups), ""]
     parts += [f"![{os.path.splitext(os.path.basename(r))[0]}]({r})" for r in rel] + [""]
+    if per_class:
+        parts += ["## Per-class accuracy", "", "Mean over seeds; classes from head to tail (training count).", ""]
+        parts += [f"![{os.path.basename(p)}]({os.path.relpath(p, md_dir)})" for p in per_class] + [""]
     parts += ["## Recipes", "", recipes_table(prov), "", "## Costs per task", "", cost_rows(cells), ""]
     parts += [
         "## Cost of the grid",
@@ -151,12 +180,14 @@ def build_report(out_dir: str, report_dir: str | None = None, docs: str | None =
     plots = plot_tradeoffs(
         rows, report_dir, layout.name, metric_label(cells), describe_env(cells), {"train_seconds": load_note(prov)}
     )
-    md = render(layout, rows, cells, prov, plots, report_dir, f"Benchmark: {layout.name}")
+    per_class = per_class_plots(layout, cells, report_dir)
+    md = render(layout, rows, cells, prov, plots, report_dir, f"Benchmark: {layout.name}", per_class=per_class)
     out = {
         "markdown": write(os.path.join(report_dir, f"{stem}.md"), md),
         "csv": write(os.path.join(report_dir, f"{stem}.csv"), csv_table(layout, rows)),
         "cells_csv": write(os.path.join(report_dir, f"{stem}-cells.csv"), cells_csv(cells)),
         "plots": plots,
+        "per_class_plots": per_class,
         "rows": rows,
         "table": markdown_table(layout, rows),
         "docs": None,
@@ -166,7 +197,7 @@ def build_report(out_dir: str, report_dir: str | None = None, docs: str | None =
         image_dir = os.path.join(docs_dir, os.path.splitext(os.path.basename(docs))[0])
         os.makedirs(image_dir, exist_ok=True)
         copied = []
-        for p in plots:
+        for p in plots + per_class:
             dst = os.path.join(image_dir, os.path.basename(p))
             shutil.copyfile(p, dst)
             copied.append(dst)
@@ -180,6 +211,7 @@ def build_report(out_dir: str, report_dir: str | None = None, docs: str | None =
         )
         if os.path.exists(os.path.join(docs_dir, MORE_DOCS)):
             note += f" Benchmarks outside this grid, each with its own script and JSON: [{MORE_DOCS}]({MORE_DOCS})."
-        text = render(layout, rows, cells, prov, copied, docs_dir, "Benchmarks", note)
+        n = len(plots)
+        text = render(layout, rows, cells, prov, copied[:n], docs_dir, "Benchmarks", note, per_class=copied[n:])
         out["docs"] = write(docs, text)
     return out

@@ -172,3 +172,34 @@ def _plot(
     steps += [((fx[i + 1], fy[i]), (fx[i + 1], fy[i + 1])) for i in range(len(fx) - 1)]
     label_points(ax, [(label, x, y) for (label, x, _), y in zip(pts, ys)], bars + steps)
     return save(fig, path)
+
+
+def plot_per_class(series: dict[str, list[float | None]], counts: list[int] | None, path: str, title: str) -> str:
+    """Grouped bars of per-class test accuracy (%), one colour per method; classes ordered by training count
+    (head to tail) when `counts` are known, labelled `class (n)`. Returns `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    k = max((len(v) for v in series.values()), default=0)
+    order = sorted(range(k), key=lambda c: -counts[c]) if counts and len(counts) == k else list(range(k))
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.35 * k * max(1, len(series)) ** 0.5 + 3.5), 3.8), dpi=120)
+    for j, (label, accs) in enumerate(series.items()):
+        ys = [100.0 * accs[c] if c < len(accs) and accs[c] is not None else np.nan for c in order]
+        ax.bar(np.arange(k) + (j - (len(series) - 1) / 2) * width, ys, width, label=label)
+    names = [f"{c}\n({counts[c]})" if counts and len(counts) == k else str(c) for c in order]
+    ax.set_xticks(np.arange(k), names, fontsize=7 if k <= 20 else 5)
+    ax.set_xlabel("class (training count), head to tail" if counts else "class")
+    ax.set_ylabel("test accuracy %")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach 100 %
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

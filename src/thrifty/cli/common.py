@@ -76,6 +76,7 @@ def train_config(args: argparse.Namespace):
         warmup_epochs=args.warmup_epochs,
         min_lr=args.min_lr,
         grad_clip=args.grad_clip or None,
+        optimizer=args.optimizer,
         label_smoothing=args.label_smoothing,
         seed=args.seed,
         device=args.device,

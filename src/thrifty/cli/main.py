@@ -11,6 +11,7 @@ from thrifty.errors import ThriftyError
 
 COMMANDS = [
     "train",
+    "btm",
     "eval",
     "info",
     "profile",

@@ -43,3 +43,24 @@ def _packaged(name: str) -> None:
 
 for _name in PACKAGED:
     _packaged(_name)
+
+
+def _cifar(num_classes: int) -> None:
+    def load(path, preprocess, *, few_sample: bool, seed: int, test_size: int | None):
+        from thrifty.data.cifar import cifar_pools
+
+        pools = cifar_pools(path, num_classes)
+        name = f"cifar{num_classes}:{path}"
+        return from_pools(name, pools, preprocess, few_sample=few_sample, seed=seed, test_size=test_size)
+
+    folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+    register_dataset(
+        f"cifar{num_classes}",
+        takes_path=True,
+        help=f"CIFAR-{num_classes} python batches: cifar{num_classes}:PATH ({folder} or its parent); "
+        f"append :lt100 for CIFAR-{num_classes}-LT",
+    )(load)
+
+
+for _n in (10, 100):
+    _cifar(_n)

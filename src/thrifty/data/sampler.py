@@ -21,12 +21,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
+    def order(self) -> list[int]:
+        """This epoch's sample order (every index once; subclasses may repeat or drop indices)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+            return torch.randperm(self.n, generator=g).tolist()
+        return list(range(self.n))
+
+    def _batches(self) -> list[list[int]]:
+        order = self.order()
+        self.n = len(order)
         out = []
         for start in range(0, self.n, self.batch_size):
             batch = order[start : start + self.batch_size]

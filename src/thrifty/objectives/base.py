@@ -75,6 +75,15 @@ class Objective:
 
         return GlobalBatchSampler(len(labels), batch_size, seed, rank=rank, world_size=world_size)
 
+    def fit_data(self, labels: Any, num_classes: int | None, meta: dict[str, Any] | None = None) -> None:
+        """Called by the Trainer with the labels of the split that trains, before the sampler is built: objectives
+        that depend on the training distribution (long_tail: class counts) read it here. Default: nothing."""
+
+    def training_batch(self, inputs: Any, targets: torch.Tensor, seed: tuple[int, ...]) -> tuple[Any, Any]:
+        """A training batch as the loss sees it (e.g. mixup: mixed inputs, soft targets), seeded by
+        (seed, epoch, step) so a resumed run draws the same. Default: unchanged."""
+        return inputs, targets
+
     def check_task(self, num_classes: int | None) -> None:
         """Raise ConfigError when a task cannot be trained with this objective."""
         if self.needs_classes and not num_classes:
@@ -106,7 +115,7 @@ class Objective:
         """Options from `--set`-style strings, coerced to the field types."""
         from thrifty.values import coerce
 
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls) if f.init}
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(overrides) - fields)
         if unknown:

@@ -9,6 +9,7 @@ import torch
 
 from thrifty.errors import ConfigError
 from thrifty.runtime import MALLOC_MODES, tune_malloc
+from thrifty.train.optim import OPTIMIZERS
 
 
 @dataclass
@@ -20,6 +21,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     min_lr: float = 1e-6
     grad_clip: float | None = 1.0
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
     label_smoothing: float = 0.0  # classification objectives only
     seed: int = 0
     amp: bool = True  # CUDA only (bf16 autocast); ignored on CPU
@@ -38,6 +40,8 @@ class TrainConfig:
                 raise ConfigError(f"`{name}` must be positive, got {getattr(self, name)!r}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"`lr` must be positive, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.malloc not in MALLOC_MODES:
             raise ConfigError(f"`malloc` must be one of {MALLOC_MODES}, got {self.malloc!r}")
 

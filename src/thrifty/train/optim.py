@@ -1,4 +1,6 @@
-"""AdamW with no weight decay on biases and norms; cosine schedule with linear warm-up (per step)."""
+"""AdamW (or SGD with momentum 0.9, the long-tail literature's optimizer) with no weight decay on biases and norms;
+cosine schedule with linear warm-up (per step). A parameter with an `lr_scale` attribute trains at that multiple of
+the scheduled lr (its own group), e.g. MiSLAS's learnable weight scaling at 20x the classifier's lr."""
 
 from __future__ import annotations
 
@@ -8,18 +10,29 @@ import torch
 from torch import nn
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights of rank >= 2 decay; biases, norm scales and 1-d parameters do not."""
-    decay, no_decay = [], []
+    """Two groups: weights of rank >= 2 decay; biases, norm scales and 1-d parameters do not (then one group per
+    other `lr_scale`)."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decay = not (p.ndim < 2 or name.endswith(".bias") or "norm" in name.lower())
+        groups.setdefault((decay, float(getattr(p, "lr_scale", 1.0))), []).append(p)
+    out = []
+    for (decay, scale), params in groups.items():
+        if params:
+            g = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+            out.append(g if scale == 1.0 else {**g, "lr_scale": scale})
+    return out
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, kind: str = "adamw") -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=0.9)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
 
 
@@ -33,4 +46,4 @@ def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: int, mi
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)

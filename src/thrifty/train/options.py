@@ -68,6 +68,7 @@ TRAINING = (
     Option("--warmup-epochs", "training", float, 1.0),
     Option("--min-lr", "training", float, 1e-6),
     Option("--grad-clip", "training", float, 1.0, help="max gradient norm (0 disables)"),
+    Option("--optimizer", "training", str, "adamw", choices=("adamw", "sgd"), help="sgd: momentum 0.9"),
     Option("--label-smoothing", "training", float, 0.0),
     Option("--seed", "training", int, 0),
     Option("--device", "training", str, "auto", help="auto | cpu | cuda | cuda:N"),

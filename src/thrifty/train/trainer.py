@@ -62,6 +62,7 @@ class Trainer:
         output_dir: str | None = None,
         *,
         objective: Objective | str | None = None,
+        data_parallel: bool = True,
     ):
         self.single = isinstance(models, nn.Module)
         self.members = [Member(models, config, output_dir=output_dir)] if self.single else list(models)
@@ -74,7 +75,8 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.malloc = apply_malloc(config, self.device)
         self.denormals: str | None = None  # set by fit (thrifty.runtime.denormals)
-        self.dist: DistInfo = init_distributed(self.device)
+        # data_parallel=False: under torchrun this process trains alone (e.g. one BTM subset per rank)
+        self.dist: DistInfo = init_distributed(self.device) if data_parallel else DistInfo()
         if self.dist.enabled and len(self.members) > 1:
             raise ConfigError("sweeps run in one process; launch without torchrun (members already share batches)")
         self.shared = len(self.members) > 1  # one backbone pass (or cached-tap read) per batch for every member
@@ -88,12 +90,13 @@ class Trainer:
             if m.train.lr is None:  # the method's own default (1e-3; full fine-tuning 1e-4)
                 m.train = replace(m.train, lr=getattr(getattr(m.model, "config", None), "default_lr", 1e-3))
         self.train_set = task.split(config.train_role)
+        self.objective.fit_data(self.train_set.labels, task.num_classes, task.meta)
         self.sampler = self.objective.sampler(
             self.train_set.labels, config.batch_size, config.seed, rank=self.dist.rank, world_size=self.dist.world_size
         )
         self.loader = batch_loader(self.train_set, self.sampler, config.num_workers)
         for m in self.members:
-            m.optimizer = build_optimizer(m.model, m.train.lr, m.train.weight_decay)
+            m.optimizer = build_optimizer(m.model, m.train.lr, m.train.weight_decay, m.train.optimizer)
         self.steps_per_epoch = len(self.sampler)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.ddp = self._wrap_ddp()
@@ -234,6 +237,7 @@ class Trainer:
         for i, (inputs, labels) in enumerate(bar):
             inputs, labels = to_device(inputs, self.device), labels.to(self.device)
             targets = self.objective.targets(inputs, labels)
+            inputs, targets = self.objective.training_batch(inputs, targets, (cfg.seed, epoch, i))
             with autocast(self.device, cfg.amp):
                 batch = self.shared_inputs(inputs)
             for k, m in enumerate(self.members):
