@@ -40,7 +40,7 @@ from thrifty.train import TrainConfig, Trainer, evaluate
 from thrifty.train.distributed import barrier, init_distributed
 from thrifty.train.run import finish_run, run_training, use_feature_cache
 from thrifty.train.trainer import RESULTS_NAME, Member
-from thrifty.tuners import TunedModel, get_tuned_model, make_config
+from thrifty.tuners import TunedModel, get_method, get_tuned_model, make_config
 
 
 PLAN = "plan.json"
@@ -138,6 +138,7 @@ class BTMRun:
             raise ConfigError("BTM takes a data spec string (worker processes reload it), e.g. fashion-mnist:lt100")
         stage1 = stage1 or TrainConfig()
         config = config or BTMConfig()
+        stage1_lr = stage1.lr if stage1.lr is not None else get_method(method)[0].default_lr  # the method's default
         plan = {
             "backbone": BackboneSpec.of(backbone).to_dict(),
             "data": data,
@@ -147,7 +148,7 @@ class BTMRun:
             "stage1": _train_dict(stage1),
             "finetune": _train_dict(finetune or stage1),
             # MiSLAS stage 2: 10 epochs, classifier lr x 0.05
-            "stage2_train": _train_dict(stage2 or dataclasses.replace(stage1, epochs=10, lr=stage1.lr * 0.05)),
+            "stage2_train": _train_dict(stage2 or dataclasses.replace(stage1, epochs=10, lr=stage1_lr * 0.05)),
             "btm": asdict(config),
             "theta0": os.path.abspath(theta0) if theta0 else None,
             "split_seed": stage1.seed if split_seed is None else split_seed,
