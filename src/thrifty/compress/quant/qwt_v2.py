@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from thrifty.compress.progress import progress_bar, stage
 from thrifty.compress.quant.config import QwTV2Config
 from thrifty.compress.quant.layers import _QuantWeightLayer, quant_state
 from thrifty.compress.quant.lstsq import ChannelAffine
@@ -118,7 +119,9 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
             handle.remove()
         return out[0]
 
-    for k, (seg_name, fn) in enumerate(segs):
+    def fit_segment(k: int, fn: Callable[[Any], Any], seg_name: str, bar) -> list[dict[str, Any]]:
+        """Fit a, beta of every quantized layer of segment k in execution order; returns their log entries."""
+        log = []
         first = next(iter(states(k)))
         for layer in _execution_order(fn, first, model):
             stats: ChannelAffine | None = None
@@ -146,12 +149,23 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
                     "a_mean": float(a.mean()),
                 }
             )
-        if k < len(segs) - 1:
-            if cache is not None:
-                cache = [fn(s) for s in cache]
-            if fp_cache is not None:
-                with quant_state(model, False):
-                    fp_cache = [fn(s) for s in fp_cache]
+            bar.update(1)
+        return log
+
+    total = sum(isinstance(m, _QuantWeightLayer) for m in model.modules())
+    title = f"QwT-v2 CWAC ({total} layers, {len(batches)} batches, target {config.target})"
+    with stage(title) as info, progress_bar(total=total, desc="QwT-v2 layers", unit="layer") as bar:
+        for k, (seg_name, fn) in enumerate(segs):
+            bar.set_postfix(segment=seg_name)
+            log += fit_segment(k, fn, seg_name, bar)
+            if k < len(segs) - 1:
+                if cache is not None:
+                    cache = [fn(s) for s in cache]
+                if fp_cache is not None:
+                    with quant_state(model, False):
+                        fp_cache = [fn(s) for s in fp_cache]
+        if log:
+            info["note"] = f"mean error reduction {sum(e['error_reduction'] for e in log) / len(log):.1%}"
     return log
 
 
