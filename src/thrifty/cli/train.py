@@ -6,7 +6,14 @@ import argparse
 import json
 import os
 
-from thrifty.cli.common import add_config_args, add_options, backbone_spec, resolved_config, train_config
+from thrifty.cli.common import (
+    add_config_args,
+    add_options,
+    backbone_spec,
+    log_progress,
+    resolved_config,
+    train_config,
+)
 from thrifty.train.options import TRAIN_COMMAND
 
 
@@ -28,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from thrifty.io import write_text
     from thrifty.train import run_training
 
+    log_progress(args.no_progress)  # e.g. the feature-cache estimate before an extraction (thrifty.features)
     os.makedirs(args.output, exist_ok=True)
     cfg = resolved_config(args)
     text = yaml.safe_dump(cfg, sort_keys=True)
@@ -52,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         cache=args.cache,
         remote=args.remote,
         token_file=args.token_file,
+        keep_features=args.keep_features,
+        disk_check=not args.skip_disk_check,
     )
     if args.sweep:
         print(results["table"])
