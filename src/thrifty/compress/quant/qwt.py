@@ -123,22 +123,25 @@ def fit_qwt_(model: nn.Module, config: QwTConfig, batches: list[Any]) -> list[di
     cache = [pipe.embed(x) for x in batches] if config.cache_hidden else None
     log = []
     with stage(f"QwT compensation ({pipe.num_blocks} blocks, {len(batches)} batches)") as info:
-        bar = progress_bar(range(pipe.num_blocks), desc="QwT blocks", unit="block")
-        for i in bar:
-            entry = _fit_block_(pipe, i, config, batches, cache, device)
-            bar.set_postfix(r2=f"{entry['r2']:.3f}")
-            log.append(entry)
-            if cache is not None:
-                cache = [(pipe.block(i, h, ctx), ctx) for h, ctx in cache]
+        with progress_bar(total=pipe.num_blocks * len(batches), desc="QwT block x batch", unit="batch") as bar:
+            for i in range(pipe.num_blocks):
+                entry = _fit_block_(pipe, i, config, batches, cache, device, bar)
+                bar.set_postfix(block=i, r2=f"{entry['r2']:.3f}")
+                log.append(entry)
+                if cache is not None:
+                    cache = [(pipe.block(i, h, ctx), ctx) for h, ctx in cache]
         info["note"] = f"{sum(e['compensated'] for e in log)} of {len(log)} blocks compensated"
     return log
 
 
-def _fit_block_(pipe: Pipeline, i: int, config: QwTConfig, batches: list[Any], cache: list | None, device) -> dict:
+def _fit_block_(
+    pipe: Pipeline, i: int, config: QwTConfig, batches: list[Any], cache: list | None, device, bar
+) -> dict[str, Any]:
     """Fit block i's compensation on its inputs; attach it if it passes the gates; returns the block's log entry."""
     block = pipe.backbone.blocks[i]
     acc, meta = None, {}
     for h, ctx in pipe.block_inputs(batches, i, cache):
+        bar.update(1)
         with quant_state(block, False):
             y_fp = pipe.block(i, h, ctx)
         y_q = pipe.block(i, h, ctx)

@@ -124,6 +124,7 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
         log = []
         first = next(iter(states(k)))
         for layer in _execution_order(fn, first, model):
+            bar.set_postfix(layer=".".join(names[id(layer)].split(".")[-3:]), refresh=False)
             stats: ChannelAffine | None = None
             fp_states = states(k, fp=True) if use_model else None
             for s in states(k):
@@ -135,6 +136,7 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
                 if stats is None:
                     stats = ChannelAffine(yq_rows.shape[1], device)
                 stats.update(yq_rows, yf_rows)
+                bar.update(1)
             a, beta = stats.solve(config.eps)
             before, after = stats.sse(torch.ones_like(a), torch.zeros_like(beta)), stats.sse(a, beta)
             layer.set_cwac_(a.float(), beta.float())
@@ -149,14 +151,13 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
                     "a_mean": float(a.mean()),
                 }
             )
-            bar.update(1)
         return log
 
     total = sum(isinstance(m, _QuantWeightLayer) for m in model.modules())
     title = f"QwT-v2 CWAC ({total} layers, {len(batches)} batches, target {config.target})"
-    with stage(title) as info, progress_bar(total=total, desc="QwT-v2 layers", unit="layer") as bar:
+    bar = progress_bar(total=total * len(batches), desc="QwT-v2 layer x batch", unit="batch")
+    with stage(title) as info, bar:
         for k, (seg_name, fn) in enumerate(segs):
-            bar.set_postfix(segment=seg_name)
             log += fit_segment(k, fn, seg_name, bar)
             if k < len(segs) - 1:
                 if cache is not None:
