@@ -351,9 +351,16 @@ class FeatureCache:
 
 
 def local_source(
-    backbone: Backbone, taps: Sequence[str], *, batch_size: int = 64, device: torch.device | str = "cpu", amp=False
+    backbone: Backbone,
+    taps: Sequence[str],
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    extract: Callable[..., dict[str, torch.Tensor]] | None = None,
 ) -> BatchSource:
-    """The local `backbone` as a batch source: `source(dataset, start, stop)` yields the tap dicts of those rows."""
+    """The local `backbone` as a batch source: `source(dataset, start, stop)` yields the tap dicts of those rows
+    (`extract(backbone, inputs, taps)`, default `extract_taps`)."""
     from thrifty.runtime import autocast, to_device
 
     device = torch.device(device)
@@ -363,7 +370,7 @@ def local_source(
         loader = DataLoader(dataset.subset(range(start, stop)), batch_size=batch_size, shuffle=False)
         for inputs, _ in loader:
             with autocast(device, amp):
-                yield extract_taps(backbone, to_device(inputs, device), taps)
+                yield (extract or extract_taps)(backbone, to_device(inputs, device), taps)
 
     return source
 

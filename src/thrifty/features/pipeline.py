@@ -13,7 +13,7 @@ from thrifty.data.base import PROTOCOLS, LabelledDataset, TaskData
 from thrifty.errors import DataError
 from thrifty.features.budget import LOG, CacheEstimate, check_disk, estimate_split, probe_taps, stored_dtype
 from thrifty.features.cache import MANIFEST, BatchSource, FeatureCache, local_source
-from thrifty.features.taps import canonical_taps
+from thrifty.features.taps import canonical_taps, extract_taps
 from thrifty.runtime.denormals import flushed_denormals
 
 
@@ -56,9 +56,9 @@ def extract_features(
     with flushed_denormals(flush_denormal, device):
         existing = FeatureCache.create_or_open(root, backbone, task, taps, dtype=dtype) if _is_cache(root) else None
         stored = existing.taps if existing is not None else canonical_taps(taps, len(backbone.blocks))
-        if batches is None:
-            batches = local_source(backbone, stored, batch_size=batch_size, device=device, amp=amp)
-        estimate = estimate_extraction(root, existing, task, names, stored, dtype, chunk_size, batches, tap_shapes)
+        kw = {"batch_size": batch_size, "device": device, "amp": amp}
+        probe = batches or local_source(backbone, stored, **kw, extract=extract_taps)  # a separate source
+        estimate = estimate_extraction(root, existing, task, names, stored, dtype, chunk_size, probe, tap_shapes)
         LOG.info("%s", estimate.describe())
         check_disk(estimate, disk_check)
         os.makedirs(root, exist_ok=True)
