@@ -3,8 +3,8 @@
     bytes = sum over splits and chunks of the .npy files: header + rows x (per-sample elements x item size) per tap
             (float taps in the cache dtype, `mask` as uint8), plus each split's labels.npy (int64)
 
-The per-sample shapes come from a probe: the feature source (the local backbone) runs on one sample (warm-up),
-then on a few samples of the first split to extract, which gives a rough time per sample (a small batch runs slower
+The per-sample shapes come from a probe: the feature source (the local backbone) runs twice on a few samples of
+the first split to extract (the first call warms up), which gives a rough time per sample (a small batch runs slower
 per sample than the extraction's batches, so the estimate errs long); a feature server states its shapes in /info
 (no probe request, no time). Headers are computed as numpy writes them, so the estimate is the exact size of the
 files the cache will hold (manifest.json, a few KB, aside). Chunks already in the cache are not counted.
@@ -122,12 +122,13 @@ def probe_taps(
     dataset: LabelledDataset,
     samples: int = PROBE_SAMPLES,
 ) -> tuple[dict[str, tuple[int, ...]], float]:
-    """Per-sample tap shapes, and seconds per sample from `source(dataset, 0, k)` on k <= `samples` rows after one
-    untimed warm-up row (a small batch still runs slower per sample than the extraction's: the time errs long)."""
+    """Per-sample tap shapes, and seconds per sample from `source(dataset, 0, k)` on k <= `samples` rows, timed on
+    the second of two calls (the first warms up; a small batch still runs slower per sample than the extraction's
+    batches, so the time errs long)."""
     shapes: dict[str, tuple[int, ...]] = {}
     k = max(1, min(samples, len(dataset)))
     with torch.random.fork_rng(devices=[]):  # a DataLoader draws from the global generator: leave it as it was
-        for taps in source(dataset, 0, 1):
+        for taps in source(dataset, 0, k):
             shapes = {name: tuple(t.shape[1:]) for name, t in taps.items()}
         t0 = time.perf_counter()
         for _ in source(dataset, 0, k):
