@@ -76,7 +76,7 @@ def cached_taps(cache, split="test"):
 
 def test_round_trip(tmp_path, bb, task):
     cache, stats = extract(tmp_path / "c", bb, task)
-    assert stats == [{"split": "test", "samples": 100, "chunks": 4, "extracted": 4}]
+    assert stats == [{"split": "test", "samples": 100, "chunks": 4, "extracted": 4, "bytes_written": cache.bytes()}]
     got, labels = cached_taps(FeatureCache.open(str(tmp_path / "c")))
     want = direct_taps(bb, task.splits["test"])
     assert all(torch.equal(got[t], want[t]) for t in TAPS)

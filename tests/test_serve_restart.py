@@ -30,6 +30,7 @@ def edge_run(url, token_file, out):
         output_dir=str(out),
         remote=url,
         token_file=token_file,
+        keep_features=True,  # the arrays are compared below (by default the temporary cache goes after the run)
     )
 
 

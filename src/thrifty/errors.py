@@ -31,3 +31,7 @@ class NonFiniteLossError(ThriftyError, FloatingPointError):
 
 class ResultsExistError(ThriftyError, FileExistsError):
     """An output directory already holds finished results that would be overwritten."""
+
+
+class DiskSpaceError(ThriftyError, OSError):
+    """The disk cannot hold what a command would write (the message names the flag that writes anyway)."""

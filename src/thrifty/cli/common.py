@@ -205,3 +205,19 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> 
     sep = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(fmt(r.get(key)) for key, _ in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
+
+
+def log_progress(no_progress: bool = False) -> None:
+    """Long library steps report on stderr: the `thrifty` loggers at INFO (one line per step start and end) and
+    their tqdm bars (thrifty.compress.progress). `no_progress`: warnings only, no bars."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("thrifty")
+    if not any(getattr(h, "thrifty_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler.thrifty_cli = True
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if no_progress else logging.INFO)

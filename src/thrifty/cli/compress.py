@@ -12,7 +12,14 @@ import os
 import typing
 import warnings
 
-from thrifty.cli.common import add_backbone_args, add_config_args, add_data_args, backbone_for_run
+from thrifty.cli.common import (
+    add_backbone_args,
+    add_config_args,
+    add_data_args,
+    backbone_for_run,
+    log_progress,
+    save_config,
+)
 from thrifty.errors import ConfigError
 
 
@@ -43,6 +50,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument("--onnx", action="store_true", help="also export model.onnx and check it in onnxruntime")
     p.add_argument("--eval", action="store_true", help="report test metrics of the float and compressed models")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines or bars on stderr")
 
 
 def compressor_flags() -> dict[str, list[str]]:
@@ -123,19 +131,25 @@ def default_model(backbone, task, adapter: str | None, seed: int = 0):
 
 
 def default_evaluate(model, task) -> dict[str, typing.Any]:
+    from thrifty.compress.progress import progress_enabled
     from thrifty.train import evaluate
 
-    return evaluate(model, task.split("test"), 64)
+    return evaluate(model, task.split("test"), 64, progress=progress_enabled(), desc="eval test")
 
 
 def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typing.Any]) -> dict[str, typing.Any]:
-    """Build the model and calibration batches, `compress_`, save to args.output; returns the results dict."""
+    """Build the model and calibration batches, `compress_`, save to args.output; returns the results dict (with
+    the seconds of each step and the bytes written). Steps report progress on stderr (thrifty.compress.progress)."""
     import dataclasses
+    import time
 
     from thrifty.backbones import load_backbone
     from thrifty.compress import available_compressors, compress_, get_compressor, make_compressor_config
+    from thrifty.compress.progress import stage
     from thrifty.data import load_data
 
+    log_progress(getattr(args, "no_progress", False))
+    t0 = time.perf_counter()
     entry = get_compressor(method)
     config = make_compressor_config(method, options)
     if "calib_samples" in {f.name for f in dataclasses.fields(config)} and "calib_samples" not in options:
@@ -143,30 +157,54 @@ def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typ
     if args.onnx and entry.export_onnx is None:
         exporters = [n for n in available_compressors() if get_compressor(n).export_onnx is not None]
         raise ConfigError(f"--onnx: {method} has no ONNX export (compressors that export: {', '.join(exporters)})")
-    bb = load_backbone(backbone_for_run(args, args.adapter))
-    seed = args.seed if args.split_seed is None else args.split_seed
-    task = load_data(args.data, bb.preprocess, seed=seed, test_size=args.test_size)
-    if entry.cli_model is not None:
-        model = entry.cli_model(bb, task, args.adapter)
-    else:
-        model = default_model(bb, task, args.adapter, args.seed)
-    model.eval()
+    seconds: dict[str, float] = {}
+    spec = backbone_for_run(args, args.adapter)
+    with stage(f"loading {spec.name} and {args.data}") as info:
+        bb = load_backbone(spec)
+        seed = args.seed if args.split_seed is None else args.split_seed
+        task = load_data(args.data, bb.preprocess, seed=seed, test_size=args.test_size)
+        if entry.cli_model is not None:
+            model = entry.cli_model(bb, task, args.adapter)
+        else:
+            model = default_model(bb, task, args.adapter, args.seed)
+        model.eval()
+    seconds["load"] = info["seconds"]
+    float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     evaluate = entry.cli_evaluate or default_evaluate
     results: dict[str, typing.Any] = {"backbone": args.backbone, "data": task.name, "method": method}
     results.update(options=options, calib_samples=args.calib_samples, adapter=args.adapter)
     if args.eval:
-        results["float_test"] = evaluate(model, task)
+        with stage("evaluating the float model") as info:
+            results["float_test"] = evaluate(model, task)
+        seconds["float_eval"] = info["seconds"]
     calib = (entry.cli_calibration or calibration_loader)(task, args.calib_samples, args.batch_size, args.seed)
-    compress_(model, config, calib)
+    with stage(f"{method}: calibrating and compressing") as info:
+        compress_(model, config, calib)
+    seconds["compress"] = info["seconds"]
     extra = {"data": task.name, "adapter": args.adapter, "seed": args.seed, "calib_samples": args.calib_samples}
-    entry.save(model, args.output, extra=extra)
+    with stage(f"saving to {args.output}") as info:
+        entry.save(model, args.output, extra=extra)
+        save_config(args, args.output)  # after the save, which may replace the folder
+    seconds["save"] = info["seconds"]
+    results["bytes"] = {"float_state_dict": float_bytes, "saved": _tree_bytes(args.output)}
     if entry.summarize is not None:
         results.update(entry.summarize(model))
     if args.eval:
-        results["compressed_test"] = evaluate(model, task)
+        with stage(f"evaluating the {method} model") as info:
+            results["compressed_test"] = evaluate(model, task)
+        seconds["eval"] = info["seconds"]
     if args.onnx:
-        results["onnx"] = _export_and_check(entry, model, calib, args.output, task if args.eval else None)
+        with stage("exporting model.onnx and checking it in onnxruntime") as info:
+            results["onnx"] = _export_and_check(entry, model, calib, args.output, task if args.eval else None)
+        seconds["onnx"] = info["seconds"]
+    seconds["total"] = time.perf_counter() - t0
+    results["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     return results
+
+
+def _tree_bytes(path: str) -> int:
+    """Bytes of the files under `path` (what the compressor's `save` wrote there)."""
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
 def _export_and_check(entry, model, calib, output: str, task) -> dict[str, typing.Any]:
@@ -184,6 +222,7 @@ def _export_and_check(entry, model, calib, output: str, task) -> dict[str, typin
     out = ort_logits(ort_session(path), x)
     res = {
         "path": path,
+        "bytes": os.path.getsize(path),
         "max_abs_diff_vs_pytorch": float((out - ref).abs().max()),
         "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
     }
@@ -193,10 +232,58 @@ def _export_and_check(entry, model, calib, output: str, task) -> dict[str, typin
 
 
 def write_results(output: str, results: dict[str, typing.Any]) -> None:
+    """results.json in `output` (every detail) and a short summary on stdout."""
     from thrifty.io import write_json
 
-    write_json(os.path.join(output, "results.json"), results)
-    print(json.dumps(results, indent=2))
+    path = os.path.join(output, "results.json")
+    write_json(path, results)
+    print("\n".join([*summary_lines(results, output), f"details: {path}"]))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _headline(metrics: typing.Any) -> str:
+    """`accuracy 56.3%` (the first numeric metric; fractions named accuracy shown as percent)."""
+    if not isinstance(metrics, dict):
+        return str(metrics)
+    for key, value in metrics.items():
+        if isinstance(value, float) and key != "loss":
+            return f"{key} {value:.1%}" if "accuracy" in key else f"{key} {value:.4g}"
+    return json.dumps(metrics)
+
+
+def summary_lines(results: dict[str, typing.Any], output: str) -> list[str]:
+    """A few lines for people: what was compressed, test metric before/after, size, compensation, ONNX, time."""
+    options = results.get("bits", results.get("options"))
+    opts = options if isinstance(options, str) else ", ".join(f"{k}={v}" for k, v in (options or {}).items())
+    head = f"{results['method']}{f' ({opts})' if opts else ''} of {results['backbone']} on {results['data']}"
+    lines = [f"{head}, {results['calib_samples']} calibration samples -> {output}"]
+    after = results.get("quantized_test", results.get("compressed_test"))
+    if "float_test" in results and after is not None:
+        lines.append(f"  test: float {_headline(results['float_test'])} -> compressed {_headline(after)}")
+    size = results.get("bytes", {})
+    if size:
+        lines.append(f"  saved: {_mb(size['saved'])} (float state dict {_mb(size['float_state_dict'])})")
+    comp = results.get("compensation")
+    if comp:
+        done = [e for e in comp if e.get("compensated", True)]
+        gains = [e["error_reduction"] for e in comp if "error_reduction" in e]
+        r2 = [e["r2"] for e in done if "r2" in e]
+        note = f", mean error reduction {sum(gains) / len(gains):.1%}" if gains else ""
+        note += f", mean R^2 {sum(r2) / len(r2):.3f}" if r2 else ""
+        lines.append(f"  compensation: {len(done)} of {len(comp)} {'layers' if gains else 'blocks'}{note}")
+    onnx = results.get("onnx")
+    if onnx:
+        test = f", test {_headline(onnx['test'])}" if "test" in onnx else ""
+        diff = f"max |diff| vs PyTorch {onnx['max_abs_diff_vs_pytorch']:.2g}"
+        lines.append(f"  onnx: {onnx['path']}, {_mb(onnx['bytes'])} ({diff}{test})")
+    secs = results.get("seconds", {})
+    if secs:
+        steps = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items() if k != "total")
+        lines.append(f"  time: {secs['total']:.0f} s ({steps})")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

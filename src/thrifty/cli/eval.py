@@ -76,4 +76,4 @@ def _onnx_backbone(args: argparse.Namespace):
     if args.backbone:
         return load_backbone(args.backbone, pretrained=False, max_length=args.max_length, image_size=args.image_size)
     meta = read_json(os.path.join(os.path.dirname(os.path.abspath(args.onnx)), "quantize_config.json"))["model"]
-    return load_backbone(meta["backbone"], pretrained=False, **meta["backbone_spec"])
+    return load_backbone(meta["backbone"], pretrained=False, **meta.get("backbone_kwargs", {}))  # as save wrote it

@@ -10,6 +10,7 @@ from thrifty.cli.common import (
     add_options,
     backbone_spec,
     emit,
+    log_progress,
     save_config,
     train_config,
 )
@@ -31,6 +32,8 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from thrifty.train import run_training
+
+    log_progress(args.no_progress)  # e.g. the feature-cache estimate before an extraction (thrifty.features)
     from thrifty.train.members import parse_sweep
 
     save_config(args, args.output)
@@ -53,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         cache=args.cache,
         remote=args.remote,
         token_file=args.token_file,
+        keep_features=args.keep_features,
+        disk_check=not args.skip_disk_check,
     )
     if args.sweep:
         summary = (

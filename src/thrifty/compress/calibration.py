@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from thrifty.compress.progress import progress_bar, stage
 from thrifty.errors import ConfigError
 
 
@@ -83,14 +84,30 @@ def run_calibration(model: torch.nn.Module, batches: Iterable[Any], max_samples:
     model.eval()
     device = next(model.parameters()).device
     seen = 0
-    for inputs in iter_inputs(batches, max_samples):
-        inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
-        model(inputs)
-        seen += batch_size(inputs)
+    total = _sample_count(batches, max_samples)
+    with stage("calibration pass") as info, progress_bar(total=total, desc="calibration", unit="sample") as bar:
+        for inputs in iter_inputs(batches, max_samples):
+            inputs = {k: v.to(device) for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.to(device)
+            model(inputs)
+            seen += batch_size(inputs)
+            bar.update(batch_size(inputs))
+        info["note"] = f"{seen} samples"
     model.train(was_training)
     if seen == 0:
         raise ConfigError("calibration saw no samples; pass a non-empty iterable of batches")
     return seen
+
+
+def _sample_count(batches: Iterable[Any], max_samples: int | None) -> int | None:
+    """Samples a calibration pass will see, when `batches` knows its size (a DataLoader), else `max_samples`."""
+    dataset = getattr(batches, "dataset", None)
+    try:
+        n = len(dataset) if dataset is not None else None
+    except TypeError:
+        n = None
+    if n is None:
+        return max_samples
+    return n if max_samples is None else min(n, max_samples)
 
 
 StepFn = Callable[..., Any]

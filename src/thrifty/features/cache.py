@@ -17,7 +17,6 @@ with a `CacheMismatchError` naming the difference.
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import os
 import tempfile
 import zlib
@@ -87,6 +86,8 @@ class FeatureCache:
     def __init__(self, root: str, manifest: dict[str, Any]):
         self.root, self.manifest = root, manifest
         self._verified: set[tuple[str, int]] = set()
+        self._written = 0  # bytes of the files this object wrote
+        self.estimate = None  # what extract_features estimated before it wrote (thrifty.features.budget)
 
     # --- opening -----------------------------------------------------------------------------------------
     @classmethod
@@ -230,6 +231,7 @@ class FeatureCache:
 
         `batches(dataset, start, stop)` yields the tap dicts of rows [start, stop) in order; default: the local
         `backbone` (a feature server's client passes its own, thrifty.serve)."""
+        written = self._written
         entry = self.manifest["splits"].get(split)
         if entry is None:
             entry = self._new_split(split, dataset)
@@ -239,19 +241,33 @@ class FeatureCache:
             entry["labels"] = self._write_labels(split, dataset)
         todo = self.bad_chunks(split)
         if batches is None:
-            device = torch.device(device)
-            backbone.to(device).eval()
-            batches = functools.partial(self._local_batches, backbone, batch_size=batch_size, device=device, amp=amp)
-        for c in tqdm(todo, desc=f"extract {split}", disable=not progress, leave=False):
+            batches = local_source(backbone, self.taps, batch_size=batch_size, device=device, amp=amp)
+        for c in tqdm(todo, desc=f"extract {split}", disable=not progress or not todo, leave=False):
             self._extract_chunk(split, dataset, c, batches)
         entry["complete"] = True
         self._save()
-        return {"split": split, "samples": entry["size"], "chunks": entry["num_chunks"], "extracted": len(todo)}
+        return {
+            "split": split,
+            "samples": entry["size"],
+            "chunks": entry["num_chunks"],
+            "extracted": len(todo),
+            "bytes_written": self._written - written,
+        }
+
+    def bytes(self) -> int:
+        """Bytes of the files the manifest records (chunks and labels of every split; manifest.json aside)."""
+        total = 0
+        for entry in self.manifest["splits"].values():
+            total += entry["labels"]["bytes"]
+            total += sum(f["bytes"] for rec in entry["chunks"].values() for f in rec["files"].values())
+        return total
 
     def _write_labels(self, split: str, dataset: LabelledDataset) -> dict[str, Any]:
         rel = os.path.join(split, "labels.npy")
         _write_npy(self._path(rel), np.asarray(dataset.labels, np.int64))
-        return self._record(rel)
+        rec = self._record(rel)
+        self._written += rec["bytes"]
+        return rec
 
     def _new_split(self, split: str, dataset: LabelledDataset) -> dict[str, Any]:
         entry = {
@@ -273,14 +289,6 @@ class FeatureCache:
             "bytes": os.path.getsize(path),
             "checksum": file_checksum(path, self.manifest["checksum"]),
         }
-
-    def _local_batches(self, backbone, dataset, start, stop, *, batch_size, device, amp) -> Iterator[dict]:
-        from thrifty.runtime import autocast, to_device
-
-        loader = DataLoader(dataset.subset(range(start, stop)), batch_size=batch_size, shuffle=False)
-        for inputs, _ in loader:
-            with autocast(device, amp):
-                yield extract_taps(backbone, to_device(inputs, device), self.taps)
 
     def _extract_chunk(self, split: str, dataset: LabelledDataset, c: int, batches: BatchSource) -> None:
         start = c * self.chunk_size
@@ -311,6 +319,7 @@ class FeatureCache:
                 rel = os.path.join(split, name, f"{c:05d}.npy")
                 os.replace(path, self._path(rel))
                 files[name] = self._record(rel)
+                self._written += files[name]["bytes"]
         finally:
             for path, _ in tmp.values():
                 if os.path.exists(path):
@@ -339,6 +348,31 @@ class FeatureCache:
                 f"{bad[:5]}; run `thrifty extract` (or train with --cache) again to re-extract them"
             )
         return CachedTapDataset(self, split, self.taps if taps is None else taps, float_dtype=float_dtype)
+
+
+def local_source(
+    backbone: Backbone,
+    taps: Sequence[str],
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    amp: bool = False,
+    extract: Callable[..., dict[str, torch.Tensor]] | None = None,
+) -> BatchSource:
+    """The local `backbone` as a batch source: `source(dataset, start, stop)` yields the tap dicts of those rows
+    (`extract(backbone, inputs, taps)`, default `extract_taps`)."""
+    from thrifty.runtime import autocast, to_device
+
+    device = torch.device(device)
+    backbone.to(device).eval()
+
+    def source(dataset: LabelledDataset, start: int, stop: int) -> Iterator[dict[str, torch.Tensor]]:
+        loader = DataLoader(dataset.subset(range(start, stop)), batch_size=batch_size, shuffle=False)
+        for inputs, _ in loader:
+            with autocast(device, amp):
+                yield (extract or extract_taps)(backbone, to_device(inputs, device), taps)
+
+    return source
 
 
 def _to_numpy(t: torch.Tensor, name: str, dtype: str) -> np.ndarray:

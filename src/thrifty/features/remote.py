@@ -50,6 +50,15 @@ class RemoteFeatures:
     def metrics(self) -> dict[str, Any]:
         return self.backbone.metrics()
 
+    def tap_shapes(self, dataset: LabelledDataset) -> dict[str, tuple[int, ...]]:
+        """Per-sample shapes of what `batches` yields, from the server's /info (no request): (tokens, dim) for
+        images; text: (max_length, dim) plus the mask (max_length,)."""
+        b = self.info["backbone"]
+        if self.backbone.kind != "text":
+            return {self.tap: (int(b["tokens"]), int(b["num_features"]))}
+        n = int(dataset[0][0]["attention_mask"].shape[0])
+        return {self.tap: (n, int(b["num_features"])), MASK: (n,)}
+
     def batches(self, dataset: LabelledDataset, start: int, stop: int) -> Iterator[dict[str, torch.Tensor]]:
         """Tap dicts of rows [start, stop), `request_batch` samples per request (deterministic boundaries)."""
         b = self.info["backbone"]

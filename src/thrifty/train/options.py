@@ -108,6 +108,19 @@ SIDE = (
     Option("--remote", "side methods", metavar="URL", help="feature server (thrifty serve): edge training"),
     Option("--token-file", "side methods", help="file holding the feature server's bearer token"),
     Option(
+        "--keep-features",
+        "side methods",
+        None,
+        help="keep the temporary feature cache of a --remote run without --cache (OUTPUT/features); by default it "
+        "is removed after a successful run (a --cache DIR is always kept)",
+    ),
+    Option(
+        "--skip-disk-check",
+        "side methods",
+        None,
+        help="extract features even when the estimate exceeds the free disk space (default: refuse)",
+    ),
+    Option(
         "--sweep",
         "side methods",
         repeat=True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
 import time
 from dataclasses import asdict
 from typing import Any
@@ -50,6 +51,8 @@ def run_training(
     cache: str | None = None,
     remote: str | None = None,
     token_file: str | None = None,
+    keep_features: bool = False,
+    disk_check: bool = True,
 ) -> dict[str, Any]:
     """Train `method` on `data` over `backbone`; save the adapter and results.json in `output_dir`.
 
@@ -61,11 +64,14 @@ def run_training(
     `cache`: a feature-cache directory (thrifty.features); a side method then trains from the cached taps
     (the directory is created or completed first), which gives the same result as training on the inputs.
     `remote`: URL of a feature server (`thrifty serve`, bearer token in `token_file`): the backbone runs there,
-    its gathered features fill the cache (default `output_dir/features`) and only the edge network runs here."""
+    its gathered features fill the cache (default `output_dir/features`, a temporary cache removed after a
+    successful run unless `keep_features`) and only the edge network runs here.
+    `disk_check`: refuse (DiskSpaceError) a feature extraction the disk cannot hold (estimated before it starts)."""
     train = train or TrainConfig()
     overrides = dict(overrides or {})
     if sweep and remote:
         raise ConfigError("--remote is not supported with --sweep; fetch the features once with a single run")
+    temporary = None  # the default feature cache of a --remote run without --cache
     bb = connect_remote(remote, token_file, backbone)
     if bb is None and isinstance(backbone, Backbone):
         bb = backbone
@@ -75,9 +81,10 @@ def run_training(
     link = RemoteFeatures(bb) if isinstance(bb, RemoteBackbone) else None
     if link is not None:
         overrides = {**bb.method_defaults(get_method(method)[0]), **overrides}
-        cache = cache or (os.path.join(output_dir, "features") if output_dir else None)
-        if not cache:
+        if not cache and not output_dir:
             raise ConfigError("training from a feature server needs --cache DIR or --output")
+        temporary = None if cache else os.path.join(output_dir, "features")
+        cache = cache or temporary
     seed = train.seed if split_seed is None else split_seed
     task = data if isinstance(data, TaskData) else load_data(data, bb.preprocess, seed=seed, test_size=test_size)
     obj = make_objective(objective if objective is not None else task.objective)
@@ -89,7 +96,8 @@ def run_training(
         members = [Member(model, train, output_dir=output_dir)]
     models = [m.model for m in members]
     if cache:
-        task = use_feature_cache(models, task, cache, train, link)
+        task = use_feature_cache(models, task, cache, train, link, disk_check)
+        task.meta["feature_cache"].update(temporary=temporary is not None, kept=temporary is None or keep_features)
     trainer = Trainer(members if sweep else models[0], task, train, output_dir, objective=obj)
     trainer.check_outputs(resume, overwrite)
     steps = {}
@@ -116,6 +124,8 @@ def run_training(
     fit = trainer.fit(resume=resume, overwrite=overwrite)
     if not trainer.dist.is_main:
         return fit
+    if temporary is not None and not keep_features:  # trained and tested: the fetched features are spent
+        shutil.rmtree(temporary, ignore_errors=True)
     fits = {m.name: fit[m.name] for m in trainer.members} if sweep else {"": fit}
     results = {}
     for m in trainer.members:
@@ -177,11 +187,16 @@ def connect_remote(
 
 
 def use_feature_cache(
-    models: list[TunedModel], task: TaskData, cache: str, train: TrainConfig, remote: RemoteFeatures | None = None
+    models: list[TunedModel],
+    task: TaskData,
+    cache: str,
+    train: TrainConfig,
+    remote: RemoteFeatures | None = None,
+    disk_check: bool = True,
 ) -> TaskData:
     """The task's splits replaced by the cached taps the side `models` read (extracting what is missing, from
-    the `remote` feature server if given); the models are switched to read taps. Only side methods qualify:
-    the others need the backbone's inside."""
+    the `remote` feature server if given, after the free-disk check unless `disk_check` is False); the models are
+    switched to read taps. Only side methods qualify: the others need the backbone's inside."""
     from thrifty.features import cached_task, roles_for
 
     for model in models:
@@ -193,7 +208,7 @@ def use_feature_cache(
     source = {}
     if remote is not None:
         remote.backbone.check_taps(taps)
-        source = {"batches": remote.batches, "dtype": remote.dtype}
+        source = {"batches": remote.batches, "dtype": remote.dtype, "tap_shapes": remote.tap_shapes}
     out = cached_task(
         cache,
         models[0].backbone,
@@ -207,6 +222,7 @@ def use_feature_cache(
         progress=train.progress,
         float_dtype=float_dtype,
         flush_denormal=train.flush_denormal,
+        disk_check=disk_check,
         **source,
     )
     for model in models:

@@ -51,9 +51,9 @@ def _hf_quant_attention(module, query, key, value, attention_mask, scaling=None,
     """Eager attention (as transformers' `eager_attention_forward`) with the layer's probability quantizer."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    scores = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)  # in place: the same values, no new tensor
     if attention_mask is not None:
-        scores = scores + attention_mask
+        scores.add_(attention_mask)
     probs = nn.functional.softmax(scores, dim=-1)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     quant = getattr(module, "thrifty_softmax_quant", None)

@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thrifty.compress.quant.quantizers import ActQuantizer, Log2Quantizer, dequantize_per_channel, search_weight
+from thrifty.compress.quant.quantizers import (
+    ActQuantizer,
+    Log2Quantizer,
+    dequantize_per_channel,
+    eager,
+    search_weight,
+)
 
 
 class QuantModule(nn.Module):
@@ -112,7 +118,18 @@ class _QuantWeightLayer(QuantModule):
         self.cwac_a, self.cwac_beta = None, None
 
     def weight_dequantized(self) -> torch.Tensor:
-        return dequantize_per_channel(self.weight_codes, self.weight_scale, self.weight_zero_point)
+        """(codes - z) * s per output channel. Eager runs reuse the last result while the codes, scale and zero
+        point are the same tensors, unmodified (their version counters): the same values without the per-forward
+        unpacking. Traced / exported runs always emit the `dequantize_per_channel` op."""
+        codes, scale, zp = self.weight_codes, self.weight_scale, self.weight_zero_point
+        if not eager(codes) or any(t.is_inference() for t in (codes, scale, zp)):  # no version counter to check
+            return dequantize_per_channel(codes, scale, zp)
+        key = tuple((t, t._version) for t in (codes, scale, zp))
+        cached = self.__dict__.get("_dequantized")
+        if cached is None or any(a is not b or va != vb for (a, va), (b, vb) in zip(cached[0], key, strict=True)):
+            cached = (key, dequantize_per_channel(codes, scale, zp))
+            self.__dict__["_dequantized"] = cached
+        return cached[1]
 
     # --- forward -----------------------------------------------------------------------------------------------
     def _op(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from thrifty.compress.progress import progress_bar, stage
 from thrifty.compress.quant.attention import attach_softmax_quant, qkv_output_targets
 from thrifty.compress.quant.config import PTQConfig
 from thrifty.compress.quant.layers import (
@@ -170,15 +171,16 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
             del m._thrifty_fed_by
     order = sorted(layers, key=lambda n: layers[n]._thrifty_first_seen)
     edges = _edge_layers(model, order) if config.edge_bits is not None else []
-    for name, layer in layers.items():
-        w_bits = config.edge_bits if name in edges else config.w_bits
-        a_bits = config.edge_bits if name in edges else config.a_bits
-        layer.quantize_weight_(w_bits, config.weight_symmetric, config.percentiles, config.lp_norm)
-        layer.input_quantizer.calibrate(a_bits, config.percentiles, config.lp_norm)
-        layer.input_quantizer.drop_observations()
-        if layer.output_quantizer is not None:
-            layer.output_quantizer.calibrate(a_bits, config.percentiles, config.lp_norm)
-            layer.output_quantizer.drop_observations()
+    with stage(f"PTQ ranges (w{config.w_bits}a{config.a_bits}, {len(layers)} layers)"):
+        for name, layer in progress_bar(layers.items(), total=len(layers), desc="PTQ ranges", unit="layer"):
+            w_bits = config.edge_bits if name in edges else config.w_bits
+            a_bits = config.edge_bits if name in edges else config.a_bits
+            layer.quantize_weight_(w_bits, config.weight_symmetric, config.percentiles, config.lp_norm)
+            layer.input_quantizer.calibrate(a_bits, config.percentiles, config.lp_norm)
+            layer.input_quantizer.drop_observations()
+            if layer.output_quantizer is not None:
+                layer.output_quantizer.calibrate(a_bits, config.percentiles, config.lp_norm)
+                layer.output_quantizer.drop_observations()
     softmax = {}
     for name in state["softmax"]:
         sq: SoftmaxQuant = model.get_submodule(name)

@@ -19,6 +19,7 @@ DequantizeLinear (an int8 engine runs it as int8).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -60,6 +61,32 @@ def fake_quant_uint8(
 @fake_quant_uint8.register_fake
 def _(x, scale, zero_point, lo, hi, axis):
     return torch.empty_like(x)
+
+
+def eager(x: torch.Tensor) -> bool:
+    """Whether `x` is a plain tensor in an eager run (no torch.compile / torch.export / jit trace): the simulated
+    forward may then take the in-place paths below instead of the custom ops, which only matter to the exporter."""
+    return type(x) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+
+
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """`fake_quant_uint8`, bit for bit; in eager runs with one allocation and five passes instead of eight:
+
+        clamp(x, lo, hi) / s -> round -> * s -> + 0.0
+
+    Same values because [lo, hi] = [(qmin - z) s, (qmax - z) s] with 0 <= qmin, qmax <= 255, so round(x_c / s) is an
+    integer in [-z, 255 - z] and `clamp(. + z, 0, 255) - z` is exact integer arithmetic that changes nothing but
+    the sign of a zero (+ 0.0 turns -0.0 into the +0.0 the reference gives)."""
+    if not eager(x) or x.dtype != scale.dtype:
+        return fake_quant_uint8(x, scale, zero_point, lo, hi, axis)
+    if axis >= 0:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale = scale.view(shape)
+    y = torch.clamp(x, lo, hi)
+    return y.div_(scale).round_().mul_(scale).add_(0.0)
 
 
 # --- integer ranges -----------------------------------------------------------------------------------------------
@@ -246,12 +273,32 @@ class ActQuantizer(nn.Module):
             self.observe(x)
             return x
         if self.segments == 1:
-            return fake_quant_uint8(x, self.scale[0], self.zero_point[0], self.bounds[0, 0], self.bounds[1, 0], -1)
+            key = _memo_key(self, x)
+            memo = x.__dict__.get(_MEMO) if key is not None else None
+            if memo is not None and memo[0] == key:
+                return memo[1]
+            y = fake_quant(x, self.scale[0], self.zero_point[0], self.bounds[0, 0], self.bounds[1, 0], -1)
+            if key is not None:
+                x.__dict__[_MEMO] = (key, y)
+            return y
         shape = x.shape
         y = x.reshape(*shape[:-1], self.segments, shape[-1] // self.segments)
         lo, hi = self.bounds[0, :, None], self.bounds[1, :, None]  # (S, 1) against (..., S, C / S)
-        y = fake_quant_uint8(y, self.scale, self.zero_point, lo, hi, y.dim() - 2)
+        y = fake_quant(y, self.scale, self.zero_point, lo, hi, y.dim() - 2)
         return y.reshape(shape)
+
+
+_MEMO = "_thrifty_fake_quant"
+
+
+def _memo_key(q: ActQuantizer, x: torch.Tensor) -> tuple | None:
+    """What makes a per-tensor fake quantization of `x` reusable: x unmodified (its version) and the same bits,
+    scale, zero point and bounds. BERT's query, key and value quantize one hidden state with equal parameters (they
+    observed the same values), so the second and third call reuse the first result, which stays attached to x
+    (as long as x lives). None: no reuse (traced or inference tensors, or a graph that needs gradients)."""
+    if not eager(x) or x.is_inference() or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    return (x._version, q.bits, *q.scale.tolist(), *q.zero_point.tolist(), *q.bounds.reshape(-1).tolist())
 
 
 class Log2Quantizer(ActQuantizer):
@@ -275,6 +322,8 @@ class Log2Quantizer(ActQuantizer):
 
     def _log2_qdq(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         levels = 2**self.bits - 1
+        if eager(x) and x.dtype == delta.dtype:
+            return _log2_qdq_inplace(x, delta, levels)
         q = torch.round(-torch.log2(torch.clamp(x, min=1e-30) / delta))
         x_hat = delta * torch.pow(2.0, -torch.clamp(q, 0, levels))
         return torch.where(q > levels, torch.zeros_like(x_hat), x_hat)
@@ -286,3 +335,19 @@ class Log2Quantizer(ActQuantizer):
             self.observe(x)
             return x
         return self._log2_qdq(x, self.scale[0])
+
+
+def _log2_qdq_inplace(x: torch.Tensor, delta: torch.Tensor, levels: int) -> torch.Tensor:
+    """`Log2Quantizer._log2_qdq` bit for bit with two allocations instead of twelve: with r = round(log2(x_c / D)),
+    q = -r (round half to even is odd-symmetric), so `q > levels` is `r < -levels` and -clamp(q, 0, levels) is
+    clamp(r, -levels, 0) (a zero exponent of either sign gives 2^0 = 1). When even the smallest input 1e-30 stays
+    above D * 2^-(levels - 1) (8 bits and D < 8e7: always) neither the zeroing nor the lower clamp can apply."""
+    r = torch.clamp(x, min=1e-30).div_(delta).log2_().round_()
+    d = float(delta)
+    if 0 < d < math.inf and math.log2(1e-30 / d) > max(1.0 - levels, -126.0):  # x_c >= 1e-30: r > -levels
+        torch.pow(2.0, r.clamp_(max=0), out=r)
+        return r.mul_(delta)
+    under = r < -levels
+    r.clamp_(-levels, 0)
+    torch.pow(2.0, r, out=r)
+    return r.mul_(delta).masked_fill_(under, 0.0)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thrifty.compress.progress import progress_bar, stage
 from thrifty.compress.quant.config import QwTConfig
 from thrifty.compress.quant.layers import QuantModule, quant_state
 from thrifty.compress.quant.lstsq import NormalEquations
@@ -121,48 +122,61 @@ def fit_qwt_(model: nn.Module, config: QwTConfig, batches: list[Any]) -> list[di
     batches = [to_device(x, device) for x in batches]
     cache = [pipe.embed(x) for x in batches] if config.cache_hidden else None
     log = []
-    for i in range(pipe.num_blocks):
-        block = pipe.backbone.blocks[i]
-        acc, meta = None, {}
-        for h, ctx in pipe.block_inputs(batches, i, cache):
-            with quant_state(block, False):
-                y_fp = pipe.block(i, h, ctx)
-            y_q = pipe.block(i, h, ctx)
-            r = y_fp - y_q
-            if h.dim() == 4:
-                if acc is None:
-                    stride = max(1, round(h.shape[-1] / r.shape[-1]))
-                    groups = conv_groups(h.shape[1], r.shape[1], config.group_factor)
-                    meta = {"kind": "conv", "c_in": h.shape[1], "c_out": r.shape[1], "stride": stride}
-                    meta.update(kernel_size=config.kernel_size, groups=groups)
-                    f = h.shape[1] // groups * config.kernel_size**2
-                    acc = NormalEquations(f, r.shape[1] // groups, groups, device)
-                X = _conv_rows(h, meta["groups"], meta["kernel_size"], meta["stride"])
-                R = rows(r, None)
-                if R.shape[0] != X.shape[1]:
-                    raise RuntimeError(f"block {i}: compensation patches ({X.shape[1]}) != outputs ({R.shape[0]})")
-                acc.update(X, R.reshape(R.shape[0], meta["groups"], -1).transpose(0, 1))
-            else:
-                mask = pipe.token_mask(h, ctx)
-                if acc is None:
-                    meta = {"kind": "linear", "d_in": h.shape[-1], "d_out": r.shape[-1]}
-                    acc = NormalEquations(h.shape[-1], r.shape[-1], 1, device)
-                acc.update(rows(h, mask), rows(r, mask))
-        ridge = config.ridge if config.ridge is not None else (1e-3 if meta["kind"] == "conv" else 0.0)
-        theta = acc.solve(ridge)
-        r2 = acc.r2(theta)
-        comp = build_compensation(meta)
-        _load_theta_(comp, theta)
-        finite = all(torch.isfinite(p).all() for p in comp.parameters())
-        keep = i >= config.start_block and finite and (r2 > 0 or not config.r2_gate)
-        entry = {"block": i, "r2": r2, "rows": acc.n, "compensated": keep, "kind": meta["kind"], "ridge": ridge}
-        if keep:
-            pipe.backbone.blocks[i] = QwTBlock(block, comp.to(device))
-            entry.update(comp=comp.spec(), params=sum(p.numel() for p in comp.parameters()))
-        log.append(entry)
-        if cache is not None:
-            cache = [(pipe.block(i, h, ctx), ctx) for h, ctx in cache]
+    with stage(f"QwT compensation ({pipe.num_blocks} blocks, {len(batches)} batches)") as info:
+        with progress_bar(total=pipe.num_blocks * len(batches), desc="QwT block x batch", unit="batch") as bar:
+            for i in range(pipe.num_blocks):
+                entry = _fit_block_(pipe, i, config, batches, cache, device, bar)
+                bar.set_postfix(block=i, r2=f"{entry['r2']:.3f}")
+                log.append(entry)
+                if cache is not None:
+                    cache = [(pipe.block(i, h, ctx), ctx) for h, ctx in cache]
+        info["note"] = f"{sum(e['compensated'] for e in log)} of {len(log)} blocks compensated"
     return log
+
+
+def _fit_block_(
+    pipe: Pipeline, i: int, config: QwTConfig, batches: list[Any], cache: list | None, device, bar
+) -> dict[str, Any]:
+    """Fit block i's compensation on its inputs; attach it if it passes the gates; returns the block's log entry."""
+    block = pipe.backbone.blocks[i]
+    acc, meta = None, {}
+    for h, ctx in pipe.block_inputs(batches, i, cache):
+        bar.update(1)
+        with quant_state(block, False):
+            y_fp = pipe.block(i, h, ctx)
+        y_q = pipe.block(i, h, ctx)
+        r = y_fp - y_q
+        if h.dim() == 4:
+            if acc is None:
+                stride = max(1, round(h.shape[-1] / r.shape[-1]))
+                groups = conv_groups(h.shape[1], r.shape[1], config.group_factor)
+                meta = {"kind": "conv", "c_in": h.shape[1], "c_out": r.shape[1], "stride": stride}
+                meta.update(kernel_size=config.kernel_size, groups=groups)
+                f = h.shape[1] // groups * config.kernel_size**2
+                acc = NormalEquations(f, r.shape[1] // groups, groups, device)
+            X = _conv_rows(h, meta["groups"], meta["kernel_size"], meta["stride"])
+            R = rows(r, None)
+            if R.shape[0] != X.shape[1]:
+                raise RuntimeError(f"block {i}: compensation patches ({X.shape[1]}) != outputs ({R.shape[0]})")
+            acc.update(X, R.reshape(R.shape[0], meta["groups"], -1).transpose(0, 1))
+        else:
+            mask = pipe.token_mask(h, ctx)
+            if acc is None:
+                meta = {"kind": "linear", "d_in": h.shape[-1], "d_out": r.shape[-1]}
+                acc = NormalEquations(h.shape[-1], r.shape[-1], 1, device)
+            acc.update(rows(h, mask), rows(r, mask))
+    ridge = config.ridge if config.ridge is not None else (1e-3 if meta["kind"] == "conv" else 0.0)
+    theta = acc.solve(ridge)
+    r2 = acc.r2(theta)
+    comp = build_compensation(meta)
+    _load_theta_(comp, theta)
+    finite = all(torch.isfinite(p).all() for p in comp.parameters())
+    keep = i >= config.start_block and finite and (r2 > 0 or not config.r2_gate)
+    entry = {"block": i, "r2": r2, "rows": acc.n, "compensated": keep, "kind": meta["kind"], "ridge": ridge}
+    if keep:
+        pipe.backbone.blocks[i] = QwTBlock(block, comp.to(device))
+        entry.update(comp=comp.spec(), params=sum(p.numel() for p in comp.parameters()))
+    return entry
 
 
 def _load_theta_(comp: nn.Module, theta: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from thrifty.compress.progress import progress_bar, stage
 from thrifty.compress.quant.config import QwTV2Config
 from thrifty.compress.quant.layers import _QuantWeightLayer, quant_state
 from thrifty.compress.quant.lstsq import ChannelAffine
@@ -118,9 +119,12 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
             handle.remove()
         return out[0]
 
-    for k, (seg_name, fn) in enumerate(segs):
+    def fit_segment(k: int, fn: Callable[[Any], Any], seg_name: str, bar) -> list[dict[str, Any]]:
+        """Fit a, beta of every quantized layer of segment k in execution order; returns their log entries."""
+        log = []
         first = next(iter(states(k)))
         for layer in _execution_order(fn, first, model):
+            bar.set_postfix(layer=".".join(names[id(layer)].split(".")[-3:]), refresh=False)
             stats: ChannelAffine | None = None
             fp_states = states(k, fp=True) if use_model else None
             for s in states(k):
@@ -132,6 +136,7 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
                 if stats is None:
                     stats = ChannelAffine(yq_rows.shape[1], device)
                 stats.update(yq_rows, yf_rows)
+                bar.update(1)
             a, beta = stats.solve(config.eps)
             before, after = stats.sse(torch.ones_like(a), torch.zeros_like(beta)), stats.sse(a, beta)
             layer.set_cwac_(a.float(), beta.float())
@@ -146,12 +151,22 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
                     "a_mean": float(a.mean()),
                 }
             )
-        if k < len(segs) - 1:
-            if cache is not None:
-                cache = [fn(s) for s in cache]
-            if fp_cache is not None:
-                with quant_state(model, False):
-                    fp_cache = [fn(s) for s in fp_cache]
+        return log
+
+    total = sum(isinstance(m, _QuantWeightLayer) for m in model.modules())
+    title = f"QwT-v2 CWAC ({total} layers, {len(batches)} batches, target {config.target})"
+    bar = progress_bar(total=total * len(batches), desc="QwT-v2 layer x batch", unit="batch")
+    with stage(title) as info, bar:
+        for k, (seg_name, fn) in enumerate(segs):
+            log += fit_segment(k, fn, seg_name, bar)
+            if k < len(segs) - 1:
+                if cache is not None:
+                    cache = [fn(s) for s in cache]
+                if fp_cache is not None:
+                    with quant_state(model, False):
+                        fp_cache = [fn(s) for s in fp_cache]
+        if log:
+            info["note"] = f"mean error reduction {sum(e['error_reduction'] for e in log) / len(log):.1%}"
     return log
 
 
