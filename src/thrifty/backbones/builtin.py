@@ -49,6 +49,17 @@ def _efficientnet_lite0(spec: BackboneSpec):
     return load_efficientnet_lite0(pretrained=spec.pretrained, image_size=spec.image_size)
 
 
+@register_backbone(
+    "ctr",
+    takes_argument=True,
+    help="a CTR model trained from scratch: ctr:deepfm|dcn|autoint|dnn[,embed=16,mlp=400-400-400,...]",
+)
+def _ctr(spec: BackboneSpec):
+    from thrifty.backbones.ctr import load_ctr
+
+    return load_ctr(spec)
+
+
 @register_backbone("remote", takes_argument=True, help="a feature server (thrifty serve): remote:http://HOST:PORT")
 def _remote(spec: BackboneSpec):
     from thrifty.backbones.remote import RemoteBackbone

@@ -146,6 +146,7 @@ def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typ
     bb = load_backbone(backbone_for_run(args, args.adapter))
     seed = args.seed if args.split_seed is None else args.split_seed
     task = load_data(args.data, bb.preprocess, seed=seed, test_size=args.test_size)
+    bb.fit_to_task_(task, seed=args.seed)
     if entry.cli_model is not None:
         model = entry.cli_model(bb, task, args.adapter)
     else:
