@@ -388,3 +388,20 @@ def test_cli_train_and_compress_on_adult_with_sklearn_metrics(tmp_path):
         assert roc_auc_score(y.numpy(), loaded(x).squeeze(1).numpy()) == pytest.approx(
             cres["compressed_test"]["auc"], abs=1e-9
         )
+
+
+def test_sensitivity_scores_are_reused_without_the_proxy_set():
+    """A budget sweep scores once: the summary's scores (through JSON) drive convert without any batches."""
+    a = tiny_ctr()
+    compress_(a, AFMConfig(budget=0.4, allocation="sensitivity"), tiny_batches())
+    layers = a.thrifty_compress["summary"]["layers"]
+    scores = json.loads(json.dumps({k: v["sensitivity"] for k, v in layers.items()}))
+    b = tiny_ctr()
+    compress_(b, AFMConfig(budget=0.4, allocation="sensitivity", step="prepare"))
+    with torch.no_grad():
+        for x, _ in tiny_batches():
+            b(x)
+    compress_(b, AFMConfig(budget=0.4, allocation="sensitivity", step="convert"), sensitivity=scores)
+    assert {k: v["rank"] for k, v in b.thrifty_compress["summary"]["layers"].items()} == {
+        k: v["rank"] for k, v in layers.items()
+    }

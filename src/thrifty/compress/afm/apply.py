@@ -175,8 +175,12 @@ def _factorize(t: Target, module: nn.Module, rank: int, config: AFMConfig) -> nn
     return afm_table(module, t.extra["mean"], t.extra["vectors"], rank)
 
 
-def convert_(root: nn.Module, config: AFMConfig, batches: list[Any] | None = None) -> None:
-    """Factorize the prepared model (see module docstring); `batches` are needed for sensitivity and fine-tuning."""
+def convert_(
+    root: nn.Module, config: AFMConfig, batches: list[Any] | None = None, sensitivity: dict | None = None
+) -> None:
+    """Factorize the prepared model (see module docstring); `batches` are needed for sensitivity and fine-tuning.
+    `sensitivity`: scores {target: {rank: D}} of an earlier run on the same model and proxy set (its summary's
+    `layers[...]["sensitivity"]`), reused instead of measured (a budget sweep scores once)."""
     state = getattr(root, STATE, None)
     if state is None:
         raise ConfigError("convert needs a prepared model: compress_ with step='prepare' and run the proxy set first")
@@ -203,15 +207,7 @@ def convert_(root: nn.Module, config: AFMConfig, batches: list[Any] | None = Non
         if config.allocation == "energy":
             ranks = global_energy_ranks(targets, fixed, merge, goal)
         else:
-            if batches is None:
-                raise ConfigError("allocation='sensitivity' scores layers on the proxy set: use the one-call form")
-            score = make_scorer(
-                root,
-                batches,
-                config.sensitivity_samples,
-                lambda t, k: _factorize(t, root.get_submodule(t.name), k, config),
-            )
-            ranks, scores = sensitivity_ranks(targets, fixed, merge, goal, score)
+            ranks, scores = sensitivity_ranks(targets, fixed, merge, goal, _scorer(root, config, batches, sensitivity))
     structure = rewrite_(root, sites, targets, ranks, config)
     if config.init == "scratch":
         reinit_(root)
@@ -246,6 +242,24 @@ def convert_(root: nn.Module, config: AFMConfig, batches: list[Any] | None = Non
     object.__setattr__(
         root, "thrifty_compress", {"config": config.to_dict(), "structure": structure, "summary": summary}
     )
+
+
+def _scorer(root: nn.Module, config: AFMConfig, batches: list[Any] | None, given: dict | None):
+    """score(target, rank): a reused score where `given` has it, else measured on the proxy set."""
+    measure = None
+    if batches is not None:
+        build = lambda t, k: _factorize(t, root.get_submodule(t.name), k, config)  # noqa: E731
+        measure = make_scorer(root, batches, config.sensitivity_samples, build)
+
+    def score(t: Target, k: int) -> float:
+        old = (given or {}).get(t.name, {})
+        if k in old or str(k) in old:
+            return float(old.get(k, old.get(str(k))))
+        if measure is None:
+            raise ConfigError("allocation='sensitivity' scores layers on the proxy set: use the one-call form")
+        return measure(t, k)
+
+    return score
 
 
 def rewrite_(root: nn.Module, sites: Sites, targets: list[Target], ranks: dict, config: AFMConfig) -> dict:
@@ -295,10 +309,16 @@ def prepare_for_loading_(root: nn.Module, structure: dict[str, Any], config: AFM
 
 
 def apply_afm_(
-    model: nn.Module, config: AFMConfig, calib: Iterable[Any] | None = None, *, filter_fn=None, spec=None
+    model: nn.Module,
+    config: AFMConfig,
+    calib: Iterable[Any] | None = None,
+    *,
+    filter_fn=None,
+    spec=None,
+    sensitivity: dict | None = None,
 ) -> None:
     """The registry's `apply`: with `calib`, prepare -> statistics over it -> convert (-> fine-tune) in one call;
-    without, the step of `config.step` alone."""
+    without, the step of `config.step` alone. `sensitivity`: reuse scores (see convert_)."""
     step = check_step(config.step)
     if calib is not None:
         if step != "prepare":
@@ -314,11 +334,11 @@ def apply_afm_(
                 h.remove()
             object.__delattr__(model, STATE)
             raise
-        convert_(model, config, batches)
+        convert_(model, config, batches, sensitivity)
     elif step == "prepare":
         prepare_(model, config, filter_fn)
     elif step == "convert":
-        convert_(model, config, None)
+        convert_(model, config, None, sensitivity)
     elif spec is None:
         raise ConfigError("step='prepare_for_loading' needs the saved structure (thrifty.compress.load_compressed)")
     else:
