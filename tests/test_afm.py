@@ -405,3 +405,20 @@ def test_sensitivity_scores_are_reused_without_the_proxy_set():
     assert {k: v["rank"] for k, v in b.thrifty_compress["summary"]["layers"].items()} == {
         k: v["rank"] for k, v in layers.items()
     }
+
+
+def test_onnx_export_matches_pytorch(tmp_path):
+    """The compressed CTR model exports to ONNX (one int64 input per field, dynamic batch) and onnxruntime gives
+    PyTorch's logits."""
+    import onnxruntime as ort
+
+    from thrifty.compress.afm import export_onnx
+
+    model = tiny_ctr("deepfm")
+    compress_(model, AFMConfig(rank=5, embed_rank=3, act=True), tiny_batches())
+    path = export_onnx(model, str(tmp_path / "m.onnx"), tiny_batches(1, 16, labels=False)[0])
+    x = tiny_batches(1, 3, seed=7, labels=False)[0]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {k: v.numpy() for k, v in x.items()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), atol=1e-5)

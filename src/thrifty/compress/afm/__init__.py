@@ -45,7 +45,7 @@ def export_onnx(model: nn.Module, path: str, example_inputs: Any, opset: int = 1
         module, args = _DictInputs(model, keys).eval(), tuple(example_inputs[k] for k in keys)
     else:
         keys, module, args = ["x"], model, (example_inputs,)
-    dynamic = tuple({0: batch} for _ in keys)
+    dynamic = (tuple({0: batch} for _ in keys),) if isinstance(example_inputs, dict) else ({0: batch},)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with torch.no_grad():
         torch.onnx.export(
