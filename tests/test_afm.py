@@ -369,6 +369,7 @@ def test_cli_train_and_compress_on_adult_with_sklearn_metrics(tmp_path):
             "--batch-size",
             "500",
             "--eval",
+            "--onnx",
             "--output",
             str(out),
         ),
@@ -383,6 +384,9 @@ def test_cli_train_and_compress_on_adult_with_sklearn_metrics(tmp_path):
     assert cres["compressed_test"]["auc"] > 0.75 and cres["float_test"]["auc"] == pytest.approx(
         res["metrics"]["test_auc"], abs=1e-9
     )
+    onnx = cres["onnx"]
+    assert onnx["max_abs_diff_vs_pytorch"] < 1e-4
+    assert onnx["test"]["auc"] == pytest.approx(cres["compressed_test"]["auc"], abs=1e-6)
     loaded, _ = load_compressed(str(out))
     with torch.no_grad():
         assert roc_auc_score(y.numpy(), loaded(x).squeeze(1).numpy()) == pytest.approx(

@@ -189,7 +189,7 @@ def _export_and_check(entry, model, calib, output: str, task) -> dict[str, typin
         "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
     }
     if task is not None:
-        res["test"] = evaluate_onnx(path, task.split("test"))
+        res["test"] = evaluate_onnx(path, task.split("test"), objective=getattr(model, "objective", None))
     return res
 
 
