@@ -227,7 +227,13 @@ def tables(results: dict) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         base = np.mean([c["params"] for c in variants["original"]])
-        for v, cs in variants.items():
+
+        def order(v: str) -> tuple:
+            name, _, ratio = v.partition("@")
+            return (float(ratio.rstrip("x") or 0), list(VARIANTS).index(name) if name in VARIANTS else -1)
+
+        for v in sorted(variants, key=order):
+            cs = variants[v]
             auc, ll = np.array([c["auc"] for c in cs]), np.array([c["logloss"] for c in cs])
             L = lat.get(f"{data}/{model}", {}).get(v, {})
 

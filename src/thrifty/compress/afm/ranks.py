@@ -137,7 +137,17 @@ def sensitivity_ranks(
     score: Callable[[Target, int], float],
 ) -> tuple[dict[str, int | None], dict[str, dict[int, float]]]:
     """Lagrangian allocation over measured distortions (see module docstring); returns ranks and the scores."""
-    scores = {t.name: {k: float(score(t, k)) for k in candidate_ranks(t)} for t in targets}
+    from tqdm.auto import tqdm
+
+    grid = {t.name: candidate_ranks(t) for t in targets}
+    bar = tqdm(total=sum(map(len, grid.values())), desc="afm sensitivity", leave=False, mininterval=10.0)
+    scores: dict[str, dict[int, float]] = {}
+    for t in targets:
+        scores[t.name] = {}
+        for k in grid[t.name]:
+            scores[t.name][k] = float(score(t, k))
+            bar.update(1)
+    bar.close()
     options = {
         t.name: [(None, 0.0, t.params(None))] + [(k, d, t.params(k)) for k, d in scores[t.name].items()]
         for t in targets
