@@ -245,19 +245,20 @@ def convert_(
 
 
 def _scorer(root: nn.Module, config: AFMConfig, batches: list[Any] | None, given: dict | None):
-    """score(target, rank): a reused score where `given` has it, else measured on the proxy set."""
-    measure = None
-    if batches is not None:
-        build = lambda t, k: _factorize(t, root.get_submodule(t.name), k, config)  # noqa: E731
-        measure = make_scorer(root, batches, config.sensitivity_samples, build)
+    """score(target, rank): a reused score where `given` has it, else measured on the proxy set (the reference
+    outputs are computed on the first measurement only)."""
+    measure: list = []
 
     def score(t: Target, k: int) -> float:
         old = (given or {}).get(t.name, {})
         if k in old or str(k) in old:
             return float(old.get(k, old.get(str(k))))
-        if measure is None:
+        if batches is None:
             raise ConfigError("allocation='sensitivity' scores layers on the proxy set: use the one-call form")
-        return measure(t, k)
+        if not measure:
+            build = lambda t, k: _factorize(t, root.get_submodule(t.name), k, config)  # noqa: E731
+            measure.append(make_scorer(root, batches, config.sensitivity_samples, build))
+        return measure[0](t, k)
 
     return score
 
