@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from _compress_dummy import register_dummy
+from _ctr_models import tiny_batches, tiny_ctr
 from thrifty.backbones import BackboneSpec
 from thrifty.compress import (
     PTQConfig,
@@ -41,6 +42,7 @@ from thrifty.compress import (
     saved_method,
     unregister_compressor,
 )
+from thrifty.compress.afm import AFMConfig
 from thrifty.compress.dc_vit import DCViTConfig
 from thrifty.compress.kv_heads import KVHeadsConfig
 from thrifty.errors import CheckpointError
@@ -105,6 +107,12 @@ def tiny_tokens(n: int = 2, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 
 TINY_CASES: dict[str, TinyCase] = {
+    "afm": TinyCase(
+        lambda: AFMConfig(rank=6, embed_rank=3),
+        model=tiny_ctr,
+        calib=tiny_batches,
+        inputs=lambda: tiny_batches(1, 16, seed=1, labels=False)[0],
+    ),
     "ptq": TinyCase(lambda: PTQConfig(w_bits=4, a_bits=8)),
     "qwt": TinyCase(lambda: QwTConfig(base_config=PTQConfig(w_bits=4, a_bits=6))),
     "qwt_v2": TinyCase(lambda: QwTV2Config(base_config=PTQConfig(w_bits=4, a_bits=8))),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from thrifty.backbones.base import AdapterSite, Backbone, Inputs, ProjectionSite
-from thrifty.backbones.preprocess import ImagePreprocess, TextPreprocess
+from thrifty.backbones.preprocess import ImagePreprocess, TablePreprocess, TextPreprocess
 from thrifty.backbones.registry import BACKBONES, available_backbones, backbone_kind, register_backbone
 from thrifty.backbones.spec import BackboneSpec
 
@@ -43,6 +43,7 @@ __all__ = [
     "ImagePreprocess",
     "Inputs",
     "ProjectionSite",
+    "TablePreprocess",
     "TextPreprocess",
     "available_backbones",
     "load_backbone",

@@ -113,6 +113,24 @@ class Backbone(nn.Module):
         """PEFT-style default LoRA targets for this architecture."""
         raise NotImplementedError(f"{type(self).__name__} has no default LoRA targets; pass target_modules")
 
+    def low_rank_targets(self) -> list[str]:
+        """PEFT-style names (relative to `model`) of the linear layers low-rank compressors factorize by default."""
+        raise NotImplementedError(f"{type(self).__name__} has no default low-rank targets; pass target_modules")
+
+    # --- data-shaped architectures ------------------------------------------------------------------------------
+    def fit_to_task_(self, task: Any, seed: int = 0) -> None:
+        """Build the parts of the architecture that come from the data, once the task is loaded (called by
+        run_training and the CLI after load_data). A no-op for pretrained backbones; a CTR model builds one
+        embedding table per field, sized by the field's vocabulary (thrifty.backbones.ctr)."""
+
+    def data_schema(self) -> dict[str, Any] | None:
+        """What `fit_to_task_` took from the data (JSON-able; None: the architecture is fixed by the spec)."""
+        return None
+
+    def build_from_schema_(self, schema: dict[str, Any], seed: int = 0) -> None:
+        """Rebuild the data-shaped parts from a saved `data_schema()` (checkpoints, fresh worker processes)."""
+        raise NotImplementedError(f"{type(self).__name__} has no data-shaped parts")
+
     def upstream_head_name(self) -> str | None:
         """Name of the upstream model's own classifier slot that thrifty emptied (timm ViT: `head`), where a
         Linear(num_features, C) placed there makes the upstream forward equal thrifty's `head(features)`. LoRA files

@@ -78,6 +78,17 @@ def _cifar_resnet(spec: BackboneSpec):
     )
 
 
+@register_backbone(
+    "ctr",
+    takes_argument=True,
+    help="a CTR model trained from scratch: ctr:deepfm|dcn|autoint|dnn[,embed=16,mlp=400-400-400,...]",
+)
+def _ctr(spec: BackboneSpec):
+    from thrifty.backbones.ctr import load_ctr
+
+    return load_ctr(spec)
+
+
 @register_backbone("remote", takes_argument=True, help="a feature server (thrifty serve): remote:http://HOST:PORT")
 def _remote(spec: BackboneSpec):
     from thrifty.backbones.remote import RemoteBackbone

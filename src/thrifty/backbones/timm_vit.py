@@ -64,6 +64,9 @@ class TimmViT(Backbone):
     def default_target_modules(self) -> list[str]:
         return ["qkv"]
 
+    def low_rank_targets(self) -> list[str]:
+        return ["attn.proj", "mlp.fc1", "mlp.fc2"]  # attention output projection and the FFN
+
     def upstream_head_name(self) -> str | None:
         """timm's `pretrained_cfg["classifier"]` (`head`), emptied by `num_classes=0`: `timm.create_model(name,
         num_classes=C)` runs forward_head(pre_logits) then this Linear, as TunedModel does. Distilled models (two

@@ -163,6 +163,7 @@ def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typ
         bb = load_backbone(spec)
         seed = args.seed if args.split_seed is None else args.split_seed
         task = load_data(args.data, bb.preprocess, seed=seed, test_size=args.test_size)
+        bb.fit_to_task_(task, seed=args.seed)
         if entry.cli_model is not None:
             model = entry.cli_model(bb, task, args.adapter)
         else:
@@ -227,7 +228,7 @@ def _export_and_check(entry, model, calib, output: str, task) -> dict[str, typin
         "argmax_agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
     }
     if task is not None:
-        res["test"] = evaluate_onnx(path, task.split("test"))
+        res["test"] = evaluate_onnx(path, task.split("test"), objective=getattr(model, "objective", None))
     return res
 
 

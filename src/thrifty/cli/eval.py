@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed if args.split_seed is None else args.split_seed,
         test_size=args.test_size,
     )
+    if args.adapter:
+        bb.fit_to_task_(task, seed=args.seed)  # data-shaped architectures (CTR tables) before the weights load
     split = task.split(args.split) if args.split in PROTOCOLS[task.protocol] else task.splits[args.split]
     if args.onnx:
         from thrifty.compress.quant.onnx_export import evaluate_onnx

@@ -64,3 +64,17 @@ def _cifar(num_classes: int) -> None:
 
 for _n in (10, 100):
     _cifar(_n)
+
+
+@register_dataset("movielens-100k", help="MovieLens-100K CTR table: rating >= 4, 8 fields, time-ordered 80/20")
+def _movielens(path, preprocess, *, few_sample: bool, seed: int, test_size: int | None):
+    from thrifty.data.tables import movielens_100k
+
+    return movielens_100k(preprocess, few_sample=few_sample, seed=seed, test_size=test_size)
+
+
+@register_dataset("adult", help="UCI Adult CTR table: income > 50K, 14 categorical fields, 39,000 / 9,842")
+def _adult(path, preprocess, *, few_sample: bool, seed: int, test_size: int | None):
+    from thrifty.data.tables import adult
+
+    return adult(preprocess, few_sample=few_sample, seed=seed, test_size=test_size)

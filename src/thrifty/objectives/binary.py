@@ -77,7 +77,8 @@ class BinaryObjective(Objective):
     pos_weight: float | None = None
 
     def num_outputs(self, num_classes: int | None) -> int:
-        if num_classes != 2:
+        # 2: a task's class count; 1: the head width a saved binary model records (TunedModel.num_classes)
+        if num_classes not in (1, 2):
             raise ConfigError(f"objective 'binary' needs a task with 2 classes (labels 0/1), got {num_classes}")
         return 1
 

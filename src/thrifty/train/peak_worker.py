@@ -24,6 +24,8 @@ def main() -> None:
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec.get("device", "cpu"))
     bb = load_backbone(BackboneSpec.from_dict(spec["backbone"]))
+    if spec.get("backbone_schema"):
+        bb.build_from_schema_(spec["backbone_schema"], seed=spec.get("seed", 0))
     objective = make_objective(spec.get("objective"))
     config = make_config(spec["method"], spec.get("overrides", {}))
     model = get_tuned_model(bb, config, spec["num_classes"], objective=objective)

@@ -87,6 +87,7 @@ def run_training(
         cache = cache or temporary
     seed = train.seed if split_seed is None else split_seed
     task = data if isinstance(data, TaskData) else load_data(data, bb.preprocess, seed=seed, test_size=test_size)
+    bb.fit_to_task_(task, seed=train.seed)  # data-shaped architectures (CTR tables); a no-op for pretrained ones
     obj = make_objective(objective if objective is not None else task.objective)
     if sweep:
         members = build_members(bb, task.num_classes, method, sweep, overrides, train, obj, output_dir)
@@ -105,6 +106,7 @@ def run_training(
         architecture = (bb.spec or BackboneSpec(bb.name)).replace(random_init=True, checkpoint=None, token_file=None)
         spec = {
             "backbone": architecture.to_dict(),  # random weights suffice to measure memory
+            "backbone_schema": bb.data_schema(),
             "method": method,
             "overrides": {
                 **overrides,

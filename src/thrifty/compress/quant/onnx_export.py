@@ -113,21 +113,33 @@ def ort_session(path: str, threads: int | None = None):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def ort_feed(inputs: Any) -> dict[str, np.ndarray]:
+def ort_feed(inputs: Any, names: Any = ("input_ids", "attention_mask")) -> dict[str, np.ndarray]:
+    """onnxruntime inputs: the dict entries the graph reads (`names`; int64), or one float tensor `x`."""
     if isinstance(inputs, dict):
-        return {k: v.cpu().numpy().astype(np.int64) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+        return {k: v.cpu().numpy().astype(np.int64) for k, v in inputs.items() if k in names}
     return {"x": inputs.cpu().numpy().astype(np.float32)}
 
 
 def ort_logits(session, inputs: Any) -> torch.Tensor:
-    return torch.from_numpy(session.run(["logits"], ort_feed(inputs))[0])
+    names = {i.name for i in session.get_inputs()}
+    return torch.from_numpy(session.run(["logits"], ort_feed(inputs, names))[0])
 
 
-def evaluate_onnx(path: str, dataset, batch_size: int = 64, threads: int | None = None) -> dict[str, float]:
-    """Top-1 accuracy of an exported model on a thrifty dataset."""
+def evaluate_onnx(
+    path: str, dataset, batch_size: int = 64, threads: int | None = None, objective: str | None = None
+) -> dict[str, float]:
+    """Top-1 accuracy of an exported model on a thrifty dataset; with another `objective` (e.g. "binary": AUC,
+    log loss) its meters instead."""
     from torch.utils.data import DataLoader
 
     sess = ort_session(path, threads)
+    if objective not in (None, "classification"):
+        from thrifty.objectives import make_objective
+
+        meter = make_objective(objective).meter()
+        for inputs, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            meter.update(ort_logits(sess, inputs), labels)
+        return meter.compute()
     correct = total = 0
     loss = 0.0
     for inputs, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
