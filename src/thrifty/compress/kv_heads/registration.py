@@ -3,8 +3,10 @@
 
 The CLI compresses the backbone as a causal LM (a decoder: `smollm2`, `hf:<causal LM dir>`; calibration and
 healing text from the data's training split, perplexity on its test split) or, with `--adapter`, the fine-tuned
-classifier (an encoder such as `minilm`). Healing (`heal_steps` > 0) runs thrifty's Trainer with the `causal_lm`
-objective on the calibration batches, LoRA on the attention projections, merged back before saving.
+classifier (an encoder such as `minilm`; LoRA merged first). Healing (`heal_steps` > 0) runs thrifty's Trainer on
+the calibration batches with the model's own objective (`causal_lm` for a decoder; the classifier's loss on the
+calibration samples' labels for `--adapter`), LoRA on the attention projections, merged back before saving. A
+classifier's head is saved next to the stock HF folder (head.safetensors) so that `load` rebuilds it.
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ def apply_kv_heads_(model: nn.Module, config: KVHeadsConfig, calib: Any = None, 
         kv_heads_report(model)["heal"] = recipe
 
 
+HEAL_CHECK_SAMPLES = 16  # calibration samples evaluated after healing (recipe["calibration_*_after"])
+
+
 def heal_with_trainer(model: nn.Module, batches: list[Any] | None, config: KVHeadsConfig) -> dict[str, Any]:
     """LoRA-heal `model` (a TunedModel) with its own objective for about `heal_steps` steps of `heal_batch_size`
     calibration samples: next-token loss for a causal LM (labels ignored), the classifier's loss on the batches'
     labels otherwise (`(inputs, labels)` pairs, as `thrifty compress` draws them from the training split). Returns
-    the recipe (recorded in compression.json)."""
+    the recipe (recorded in compression.json), with the objective's metrics on the first HEAL_CHECK_SAMPLES
+    calibration samples after healing (an in-sample sanity check, kept small: the held-out evaluation is the
+    caller's)."""
     from thrifty.compress.calibration import batch_inputs
     from thrifty.data.base import TaskData, TensorDictDataset
     from thrifty.train import TrainConfig, Trainer
@@ -61,7 +68,8 @@ def heal_with_trainer(model: nn.Module, batches: list[Any] | None, config: KVHea
         labels = torch.cat([torch.as_tensor(b[1]).reshape(-1) for b in batches]).tolist()
         num_classes = getattr(model, "num_classes", None)
     data = TensorDictDataset(tokens, labels, source="kv_heads calibration")
-    task = TaskData("calibration", {"train": data, "test": data}, num_classes, objective=objective)
+    check = data.subset(range(min(len(data), HEAL_CHECK_SAMPLES)))  # the after-healing check: cheap, in-sample
+    task = TaskData("calibration", {"train": data, "test": check}, num_classes, objective=objective)
     bs = min(config.heal_batch_size, len(data))
     epochs = max(1, math.ceil(config.heal_steps * bs / len(data)))
     train = TrainConfig(epochs=epochs, batch_size=bs, lr=config.heal_lr, warmup_epochs=0.0, progress=True)
@@ -75,6 +83,7 @@ def heal_with_trainer(model: nn.Module, batches: list[Any] | None, config: KVHea
         "lr": config.heal_lr,
         "lora_r": config.heal_r,
         "sequences": len(data),
+        "checked_samples": len(check),
         "train_loss_first_epoch": history[0].get("train_loss"),
         "train_loss_last_epoch": history[-1].get("train_loss"),
     }
