@@ -74,7 +74,8 @@ def main() -> None:
     results["finetune"] = {
         "command": f"thrifty train --backbone minilm --max-length {args.max_length} --data reviews:1k --method lora "
         f"--set r=8 --epochs {args.epochs} --test-size {args.test_size} --seed 0",
-        "test": trained.get("test"),
+        "test": {k[5:]: v for k, v in trained.get("metrics", {}).items() if k.startswith("test_")},
+        "history": trained.get("history"),
     }
     grid = [
         (k, strategy, steps)
