@@ -3,8 +3,10 @@
 
 The CLI compresses the backbone as a causal LM (a decoder: `smollm2`, `hf:<causal LM dir>`; calibration and
 healing text from the data's training split, perplexity on its test split) or, with `--adapter`, the fine-tuned
-classifier (an encoder such as `minilm`). Healing (`heal_steps` > 0) runs thrifty's Trainer with the `causal_lm`
-objective on the calibration batches, LoRA on the attention projections, merged back before saving.
+classifier (an encoder such as `minilm`; LoRA merged first). Healing (`heal_steps` > 0) runs thrifty's Trainer on
+the calibration batches with the model's own objective (`causal_lm` for a decoder; the classifier's loss on the
+calibration samples' labels for `--adapter`), LoRA on the attention projections, merged back before saving. A
+classifier's head is saved next to the stock HF folder (head.safetensors) so that `load` rebuilds it.
 """
 
 from __future__ import annotations
@@ -32,52 +34,102 @@ def apply_kv_heads_(model: nn.Module, config: KVHeadsConfig, calib: Any = None, 
         kv_heads_report(model)["heal"] = recipe
 
 
+HEAL_CHECK_SAMPLES = 16  # calibration samples evaluated after healing (recipe["calibration_*_after"])
+
+
 def heal_with_trainer(model: nn.Module, batches: list[Any] | None, config: KVHeadsConfig) -> dict[str, Any]:
-    """LoRA-heal `model` (a TunedModel with the causal_lm objective) for about `heal_steps` steps of
-    `heal_batch_size` sequences of the calibration text; returns the recipe (recorded in compression.json)."""
+    """LoRA-heal `model` (a TunedModel) with its own objective for about `heal_steps` steps of `heal_batch_size`
+    calibration samples: next-token loss for a causal LM (labels ignored), the classifier's loss on the batches'
+    labels otherwise (`(inputs, labels)` pairs, as `thrifty compress` draws them from the training split). Returns
+    the recipe (recorded in compression.json), with the objective's metrics on the first HEAL_CHECK_SAMPLES
+    calibration samples after healing (an in-sample sanity check, kept small: the held-out evaluation is the
+    caller's)."""
     from thrifty.compress.calibration import batch_inputs
     from thrifty.data.base import TaskData, TensorDictDataset
     from thrifty.train import TrainConfig, Trainer
 
-    if getattr(model, "objective", None) != "causal_lm" or not batches:
+    objective = getattr(model, "objective", None)
+    if objective is None or not batches:
         raise ConfigError(
-            "healing through thrifty trains a causal LM (a TunedModel with the causal_lm objective, as `thrifty "
-            "compress` builds for decoders) on calibration batches; otherwise call heal_(model, train) yourself"
+            "healing through thrifty trains a TunedModel (a causal LM, or a classifier with labelled calibration "
+            "batches, as `thrifty compress` builds them) on calibration batches; otherwise call heal_(model, train)"
         )
     inputs = [batch_inputs(b) for b in batches]
-    tokens = {k: torch.cat([x[k] for x in inputs]) for k in ("input_ids", "attention_mask")}
-    data = TensorDictDataset(tokens, source="kv_heads calibration")
-    task = TaskData("calibration", {"train": data, "test": data}, None, objective="causal_lm")
+    if not all(isinstance(x, dict) for x in inputs):
+        raise ConfigError("healing needs tokenized calibration batches (dicts of input_ids / attention_mask)")
+    tokens = {k: torch.cat([x[k] for x in inputs]) for k in inputs[0] if isinstance(inputs[0][k], torch.Tensor)}
+    labels, num_classes = None, None
+    if objective != "causal_lm":
+        if not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
+            raise ConfigError(
+                f"healing a {objective} model needs labelled calibration batches ((inputs, labels) pairs from the "
+                "training split); these have no labels"
+            )
+        labels = torch.cat([torch.as_tensor(b[1]).reshape(-1) for b in batches]).tolist()
+        num_classes = getattr(model, "num_classes", None)
+    data = TensorDictDataset(tokens, labels, source="kv_heads calibration")
+    check = data.subset(range(min(len(data), HEAL_CHECK_SAMPLES)))  # the after-healing check: cheap, in-sample
+    task = TaskData("calibration", {"train": data, "test": check}, num_classes, objective=objective)
     bs = min(config.heal_batch_size, len(data))
     epochs = max(1, math.ceil(config.heal_steps * bs / len(data)))
-    train = TrainConfig(epochs=epochs, batch_size=bs, lr=config.heal_lr, warmup_epochs=0.0, progress=False)
-    fit = heal_(model, lambda m: Trainer(m, task, train, objective="causal_lm").fit(), r=config.heal_r)
-    return {
+    train = TrainConfig(epochs=epochs, batch_size=bs, lr=config.heal_lr, warmup_epochs=0.0, progress=True)
+    fit = heal_(model, lambda m: Trainer(m, task, train, objective=objective).fit(), r=config.heal_r)
+    history = fit.get("history") or [{}]
+    recipe = {
+        "objective": objective,
         "steps": epochs * math.ceil(len(data) / bs),
         "epochs": epochs,
         "batch_size": bs,
         "lr": config.heal_lr,
         "lora_r": config.heal_r,
         "sequences": len(data),
-        "calibration_perplexity_after": fit.get("test_perplexity"),
+        "checked_samples": len(check),
+        "train_loss_first_epoch": history[0].get("train_loss"),
+        "train_loss_last_epoch": history[-1].get("train_loss"),
     }
+    recipe.update({f"calibration_{k[5:]}_after": v for k, v in fit.items() if k.startswith("test_")})
+    return recipe
+
+
+HEAD_FILE = "head.safetensors"  # the classifier of a fine-tuned encoder (--adapter), outside the HF folder's model
+
+
+def _classifier_head(model: nn.Module) -> nn.Module | None:
+    """The fine-tuned head of a TunedModel classifier (None for a causal LM, whose head is the model's own)."""
+    head = getattr(model, "head", None)
+    if head is None or getattr(model, "objective", None) in (None, "causal_lm"):
+        return None
+    return head
 
 
 def save(model: nn.Module, directory: str, *, backbone=None, extra: dict[str, Any] | None = None) -> None:
-    """A stock Hugging Face folder (transformers loads it without thrifty) + compression.json."""
-    save_compressed(model, directory, extra={"extra": extra or {}}, overwrite=True)
+    """A stock Hugging Face folder (transformers loads it without thrifty) + compression.json; a fine-tuned
+    classifier's head goes to head.safetensors (compression.json["head"]), and the text backbone's max_length to
+    compression.json["backbone"], so that `load` rebuilds the same model."""
+    meta: dict[str, Any] = {"extra": extra or {}}
+    tensors = {}
+    head = _classifier_head(model)
+    if head is not None:
+        tensors[HEAD_FILE] = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+        meta["head"] = {"file": HEAD_FILE, "num_classes": model.num_classes, "objective": model.objective}
+    bb = getattr(model, "backbone", model)
+    max_length = getattr(getattr(bb, "preprocess", None), "max_length", None)
+    if max_length is not None:
+        meta["backbone"] = {"name": getattr(bb, "name", None), "max_length": int(max_length)}
+    save_compressed(model, directory, extra=meta, tensors=tensors, overwrite=True)
 
 
 def load(directory: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A saved folder as thrifty models: a decoder as a causal LM (TunedModel, causal_lm objective), an encoder as
-    its Backbone; with compression.json. Stock transformers loads the same folder (`save_compressed`)."""
+    """A saved folder as thrifty models: a decoder as a causal LM (TunedModel, causal_lm objective), a fine-tuned
+    encoder as its classifier (TunedModel with the saved head), a bare encoder as its Backbone; with
+    compression.json. Stock transformers loads the same folder (`save_compressed`)."""
     import os
 
     from safetensors import SafetensorError
 
     from thrifty.backbones import BackboneSpec, load_backbone
     from thrifty.errors import CheckpointError, SpecError
-    from thrifty.io import read_json
+    from thrifty.io import load_tensors, read_json
 
     path = os.path.join(directory, COMPRESSION_FILE)
     if not os.path.isfile(path):
@@ -88,20 +140,40 @@ def load(directory: str, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]
     for name in sorted(os.listdir(directory)):  # transformers skips a broken generation config without a word
         if name.endswith(".json"):
             read_json(os.path.join(directory, name))  # CheckpointError naming the file
+    head_meta = report.get("head")
+    max_length = (report.get("backbone") or {}).get("max_length")
     try:
-        bb = load_backbone(BackboneSpec(f"hf:{os.path.abspath(directory)}"))
-    except (SpecError, OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise CheckpointError(f"{directory}: the saved model does not load ({exc}); it may be truncated") from exc
-    model = cli_model(bb, None, None) if getattr(bb, "lm_head", None) is not None else bb
+        bb = load_backbone(BackboneSpec(f"hf:{os.path.abspath(directory)}", max_length=max_length))
+        head_state = load_tensors(os.path.join(directory, head_meta["file"])) if head_meta else None
+    except (SpecError, OSError, ValueError, RuntimeError, SafetensorError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{directory}: the saved model does not load ({exc!r}); it may be truncated") from exc
+    if head_meta:
+        from thrifty.tuners import get_tuned_model, make_config
+
+        model = get_tuned_model(
+            bb, make_config("full"), head_meta.get("num_classes"), objective=head_meta.get("objective")
+        )
+        try:
+            model.head.load_state_dict(head_state, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{directory}/{head_meta['file']} does not fit the classifier ({exc})") from exc
+        for p in model.parameters():
+            p.requires_grad_(False)
+    elif getattr(bb, "lm_head", None) is not None:
+        model = cli_model(bb, None, None)
+    else:
+        model = bb
     return model.to(device).eval(), report
 
 
 def cli_model(backbone: nn.Module, task: Any, adapter: str | None) -> nn.Module:
-    """`--adapter DIR`: the fine-tuned model of DIR; otherwise the backbone as a causal LM (its own LM head)."""
+    """`--adapter DIR`: the fine-tuned model of DIR (a LoRA adapter merged into the weights first, so that the
+    attention projections are plain Linears); otherwise the backbone as a causal LM (its own LM head)."""
     from thrifty.tuners import get_tuned_model, load_tuned_model, make_config
 
     if adapter:
-        return load_tuned_model(backbone, adapter)
+        model = load_tuned_model(backbone, adapter)
+        return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     if getattr(backbone, "lm_head", None) is None:
         raise ConfigError(f"{backbone.name} has no LM head: compress a decoder, or pass --adapter (a classifier)")
     model = get_tuned_model(backbone, make_config("full"), None, objective="causal_lm")

@@ -17,12 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from thrifty.compress.kv_heads.api import kv_heads_report
 from thrifty.compress.kv_heads.sites import unwrap
 from thrifty.errors import CheckpointError, ResultsExistError
-from thrifty.io import read_json, write_json
+from thrifty.io import read_json, save_tensors, write_json
 
 
 COMPRESSION_FILE = "compression.json"
@@ -56,10 +57,12 @@ def save_compressed(
     *,
     tokenizer: Any = None,
     extra: dict[str, Any] | None = None,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write `model` (compressed by `compress_kv_heads_`) as a Hugging Face folder at `path`; returns the path.
-    `extra` entries (e.g. `heal`: the healing recipe) are added to compression.json."""
+    `extra` entries (e.g. `heal`: the healing recipe) are added to compression.json; `tensors` maps more file names
+    to state dicts written as safetensors in the same folder (e.g. a classifier head)."""
     from thrifty.version import __version__
 
     hf, default_tok = unwrap(model)
@@ -78,6 +81,8 @@ def save_compressed(
         tok = tokenizer if tokenizer is not None else default_tok
         if tok is not None:
             tok.save_pretrained(str(tmp))
+        for name, state in (tensors or {}).items():
+            save_tensors(tmp / name, state)
         write_json(tmp / COMPRESSION_FILE, {**report, **(extra or {}), "thrifty_version": __version__})
         if out.exists():
             shutil.rmtree(out)
