@@ -15,8 +15,10 @@ fine-tune each from theta0 (batch 32, mixup 0.2, SGD momentum 0.9, wd 5e-4, cosi
 epochs change), uniform merge (thrifty.longtail.BTMRun, resumable per subset). Scored on val: the merged model's
 mean / H / G / worst-class accuracy and the mean of the 10 single-subset models (BTM's `undersample`); with
 `--stage2` also the merged model after BTM's stage 2 (LAS, shift BN, LWS; the benchmark's recipe), for information.
-Selection rule (fixed before the run): the highest merged-model val H, ties (within 0.5 point) broken by val G.
-Writes benchmarks/results/btm_pilot.json after every candidate and prints a markdown table.
+Selection rule (fixed before the run): on seed 0, the highest merged-model val H, ties (within 0.5 point) broken
+by val G. `--seeds 0,1,2 --candidates A,B` reruns the front-runners on other training seeds (init, batches,
+subsets; the same LT draw and val split) as a check of that pick. Writes benchmarks/results/btm_pilot.json after
+every candidate and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ CANDIDATES = {  # name: (lr, epochs); the first four are the original pilot's, l
     "lr0.005-e15": (0.005, 15),
     "lr0.005-e40": (0.005, 40),
     "lr0.005-e80": (0.005, 80),
+    "lr0.02-e160": (0.02, 160),  # added after the 12 above: the best ones were the longest
+    "lr0.01-e160": (0.01, 160),
+    "lr0.005-e160": (0.005, 160),
 }
 SHOW = ("mean_class_accuracy", "hmean", "gmean", "worst_class_accuracy")
 
@@ -82,19 +87,24 @@ def _val(metrics: dict[str, Any]) -> dict[str, Any]:
     return {"val_" + k[5:]: v for k, v in metrics.items() if k.startswith("test_")}
 
 
-def stage1(args, spec, data: str) -> dict[str, Any]:
-    out = os.path.join(args.out, "stage1")
+def run_dir(args, seed: int) -> str:
+    """Seed 0's runs lie in --out, the confirmation seeds' in --out/seed<s>."""
+    return args.out if seed == 0 else os.path.join(args.out, f"seed{seed}")
+
+
+def stage1(args, spec, data: str, seed: int) -> dict[str, Any]:
+    out = os.path.join(run_dir(args, seed), "stage1")
     res = os.path.join(out, "results.json")
     if not (os.path.isfile(res) and read_json(res).get("status") == "complete"):
         bb = build_backbone(spec)
-        task = val_as_evaluation(load_data(data, bb.preprocess, seed=0))
+        task = val_as_evaluation(load_data(data, bb.preprocess, seed=0))  # split seed 0: one LT draw, one val
         run_training(
             backbone=bb,
             data=task,
             method=BENCH["method"],
             overrides=BENCH["overrides"],
             objective=BASELINES["mixup"].objective,
-            train=replace(BENCH["train"], epochs=args.stage1_epochs, seed=0),
+            train=replace(BENCH["train"], epochs=args.stage1_epochs, seed=seed),
             output_dir=out,
             resume=True,
             peak_memory=False,
@@ -104,20 +114,20 @@ def stage1(args, spec, data: str) -> dict[str, Any]:
     return {"metrics": _val(r["metrics"]), "train_seconds": sum(h["seconds"] for h in r["history"])}
 
 
-def candidate(args, spec, data: str, name: str, lr: float, epochs: int) -> dict[str, Any]:
+def candidate(args, spec, data: str, seed: int, name: str, lr: float, epochs: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     run = ValOnlyBTM.create(
-        os.path.join(args.out, name),
+        os.path.join(run_dir(args, seed), name),
         backbone=spec,
         data=data,
         method=BENCH["method"],
         overrides=BENCH["overrides"],
         objective=BASELINES["mixup"].objective,
-        stage1=replace(BENCH["train"], epochs=args.stage1_epochs, seed=0),
-        finetune=replace(BENCH["finetune"], lr=lr, epochs=epochs, seed=0),
-        stage2=replace(BENCH["stage2"], seed=0),
+        stage1=replace(BENCH["train"], epochs=args.stage1_epochs, seed=seed),
+        finetune=replace(BENCH["finetune"], lr=lr, epochs=epochs, seed=seed),
+        stage2=replace(BENCH["stage2"], seed=seed),
         config=BTMConfig(args.subsets, args.per_class, stage2=Stage2Config() if args.stage2 else None),
-        theta0=os.path.join(args.out, "stage1"),
+        theta0=os.path.join(run_dir(args, seed), "stage1"),
         split_seed=0,
         resume=True,
     )
@@ -142,7 +152,9 @@ def select(cands: dict[str, dict[str, Any]], tol: float = 0.005) -> str:
     return max(near, key=lambda n: near[n]["merged"]["val_gmean"])
 
 
-def table(result: dict[str, Any]) -> str:
+def table(result: dict[str, Any], selected: str | None = None) -> str:
+    """One seed's table: theta0, then every candidate (merged model, subset models, after stage 2)."""
+
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}"
 
@@ -156,7 +168,7 @@ def table(result: dict[str, Any]) -> str:
     )
     for name, c in result["candidates"].items():
         m, u, s2 = c["merged"], c["subsets_mean"], c.get("stage2") or {}
-        star = " (selected)" if name == result.get("selected") else ""
+        star = " (selected)" if name == selected else ""
         lines.append(
             f"| {name}{star} | {c['lr']:g} | {c['epochs']} | "
             + " | ".join(pct(m[f"val_{k}"]) for k in SHOW)
@@ -168,11 +180,40 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def confirm(seeds: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """Candidates run on more than one seed: mean ± std over those seeds of the merged and stage-2 val metrics."""
+    import numpy as np
+
+    out = {}
+    for name in CANDIDATES:
+        runs = [r["candidates"][name] for r in seeds.values() if name in r["candidates"]]
+        if len(runs) < 2:
+            continue
+        row = {"seeds": len(runs)}
+        for part in ("merged", "subsets_mean", "stage2"):
+            for k in ("mean_class_accuracy", "hmean", "gmean", "worst_class_accuracy"):
+                vals = [r[part][f"val_{k}"] for r in runs if r.get(part) and r[part].get(f"val_{k}") is not None]
+                if vals:
+                    row[f"{part}_{k}"] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1))}
+        out[name] = row
+    cols = [("merged", k) for k in SHOW] + [("subsets_mean", "hmean")] + [("stage2", k) for k in SHOW[:3]]
+    head = "| recipe | seeds | merged mean | merged H | merged G | merged worst | subsets H |"
+    lines = [head + " +stage 2 mean | +stage 2 H | +stage 2 G |", "|---|---:|" + "---:|" * len(cols)]
+    for name, row in out.items():
+        cells = []
+        for part, k in cols:
+            v = row.get(f"{part}_{k}")
+            cells.append("-" if v is None else f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}")
+        lines.append(f"| {name} | {row['seeds']} | " + " | ".join(cells) + " |")
+    return out, "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/btm_pilot")
     p.add_argument("--json", default="benchmarks/results/btm_pilot.json")
     p.add_argument("--candidates", default=",".join(CANDIDATES), help=f"comma list of {', '.join(CANDIDATES)}")
+    p.add_argument("--seeds", default="0", help="training seeds (0 selects; others confirm, in --out/seed<s>)")
     p.add_argument("--val", type=int, default=100, help="val images per class (from unused training images)")
     p.add_argument("--stage1-epochs", type=int, default=12)
     p.add_argument("--width", type=int, default=8, help="ResNet-8 base width (the benchmark uses 16)")
@@ -183,41 +224,49 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = f"{BENCH['data']}-val{args.val}"
-    spec = BENCH["backbone"].replace(name=f"cifar-resnet:8w{args.width}s0")
     names = [n for n in args.candidates.split(",") if n]
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         p.error(f"unknown candidates {unknown}; known: {list(CANDIDATES)}")
     previous = read_json(args.json) if os.path.isfile(args.json) else {}
+    keep = previous.get("data") == data and previous.get("width") == args.width
     result: dict[str, Any] = {
         "what": "BTM subset fine-tune recipe pilot, scored on a balanced val split of unused training images only",
         "data": data,
-        "backbone": spec.name,
+        "width": args.width,
+        "backbone": f"cifar-resnet:8w{args.width}s<seed>",
         "evaluation_split": "val (test removed before training)",
-        "selection_rule": "highest merged-model val H; within 0.5 point, highest merged val G",
+        "selection_rule": "seed 0: highest merged-model val H; within 0.5 point, highest merged val G",
         "machine": f"{os.cpu_count()} logical CPU cores, {args.threads} torch thread(s), shared with other jobs",
         "argv": sys.argv[1:] if argv is None else argv,
-        "candidates": {
-            k: v for k, v in previous.get("candidates", {}).items() if previous.get("data") == data and k in CANDIDATES
-        },
+        "seeds": previous.get("seeds", {}) if keep else {},
     }
-    t0 = time.perf_counter()
-    result["stage1"] = stage1(args, spec, data)
-    print(f"stage 1: val H {100 * result['stage1']['metrics']['val_hmean']:.1f} ({time.perf_counter() - t0:.0f} s)")
-    for name in names:
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        spec = BENCH["backbone"].replace(name=f"cifar-resnet:8w{args.width}s{seed}")
+        per = result["seeds"].setdefault(str(seed), {"candidates": {}})
         t0 = time.perf_counter()
-        result["candidates"][name] = candidate(args, spec, data, name, *CANDIDATES[name])
-        c = result["candidates"][name]
-        print(
-            f"{name}: merged val H {100 * c['merged']['val_hmean']:.1f}, subsets mean val H "
-            f"{100 * c['subsets_mean']['val_hmean']:.1f} ({time.perf_counter() - t0:.0f} s)",
-            flush=True,
-        )
-        result["selected"] = select(result["candidates"])
-        result["table"] = table(result)
-        write_json(args.json, result)
-    print(result["table"])
-    print(f"selected on val: {result['selected']}")
+        per["stage1"] = stage1(args, spec, data, seed)
+        h = 100 * per["stage1"]["metrics"]["val_hmean"]
+        print(f"seed {seed} stage 1: val H {h:.1f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for name in names:
+            t0 = time.perf_counter()
+            per["candidates"][name] = c = candidate(args, spec, data, seed, name, *CANDIDATES[name])
+            print(
+                f"seed {seed} {name}: merged val H {100 * c['merged']['val_hmean']:.1f}, subsets mean val H "
+                f"{100 * c['subsets_mean']['val_hmean']:.1f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+            if "0" in result["seeds"]:
+                result["selected"] = select(result["seeds"]["0"]["candidates"])
+            for s_, r in result["seeds"].items():
+                r["table"] = table(r, result.get("selected") if s_ == "0" else None)
+            result["confirm"], result["confirm_table"] = confirm(result["seeds"])
+            write_json(args.json, result)
+    for s_, r in result["seeds"].items():
+        print(f"\nseed {s_} (val):\n{r['table']}")
+    if result["confirm"]:
+        print(f"\nover seeds (val, mean ± std):\n{result['confirm_table']}")
+    print(f"selected on val (seed 0): {result.get('selected')}")
     return 0
 
 
