@@ -6,8 +6,9 @@ but every number it reads comes from a balanced val split of training images the
 trains, and the val split takes the evaluation role, so the run directories' `test_*` metrics are VAL metrics
 (this script renames them `val_*` in its JSON and table).
 
-    PYTHONPATH=src python benchmarks/btm_pilot.py --out runs/btm_pilot --stage2  # resumable; ~30 min, busy 2 cores
-    PYTHONPATH=src python benchmarks/btm_pilot.py --out runs/pilot_fast --candidates lr0.02-e80,lr0.05-e15
+    PYTHONPATH=src python benchmarks/btm_pilot.py --out runs/btm_pilot --stage2  # resumable; ~40 min, busy 2 cores
+    PYTHONPATH=src python benchmarks/btm_pilot.py --out runs/btm_pilot --stage2 --seeds 0,1,2 \
+        --candidates lr0.01-e80,lr0.02-e80                                   # the seed check of the front-runners
 
 Stage 1 (seed 0) = benchmarks/longtail.py's `mixup` run of fmnist-lt100, short: 12 epochs, a width-8 ResNet-8
 (`cifar-resnet:8w8s0`) at 28 px. Then per candidate recipe: BTM's M = 10 balanced subsets of K = 10 per class, one
