@@ -315,9 +315,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plots", default=None, help="folder for per-class bar plots (one per task)")
     p.add_argument("--collect-only", action="store_true", help="only read finished runs and write the table")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a busy box)")
+    p.add_argument("--finetune-lr", type=float, default=None, help="BTM subset fine-tune lr (default: the task's)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="BTM subset fine-tune epochs (default: task's)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tasks = {"digits-lt10": SMOKE} if args.smoke else {t: TASKS[t] for t in args.tasks.split(",")}
+    if args.finetune_lr is not None or args.finetune_epochs is not None:  # e.g. the recipe benchmarks/btm_pilot.py
+        tasks = {  # selects on val; use a fresh --out for the btm rows (a BTM plan must match on resume)
+            t: {
+                **c,
+                "finetune": replace(
+                    c["finetune"],
+                    lr=c["finetune"].lr if args.finetune_lr is None else args.finetune_lr,
+                    epochs=c["finetune"].epochs if args.finetune_epochs is None else args.finetune_epochs,
+                ),
+            }
+            for t, c in tasks.items()
+        }
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = args.rows.split(",")
     btm = BTMConfig(subsets=2 if args.smoke else args.subsets, per_class=args.per_class)

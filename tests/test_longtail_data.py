@@ -19,7 +19,7 @@ from thrifty.data import (
     with_default_objective,
 )
 from thrifty.data.balanced_sampler import ClassBalancedSampler
-from thrifty.data.longtail import long_tail_counts
+from thrifty.data.longtail import leftover_val_indices, long_tail_counts
 from thrifty.errors import DataError
 
 
@@ -177,3 +177,41 @@ def test_class_balanced_sampler_is_balanced_seeded_and_rank_sliced():
     merged = [i for a, b in zip(*ranks) for i in a + b]
     assert merged == drawn
     assert len(ClassBalancedSampler(labels, 10, 0, epoch_length="max").order()) == 3 * 90
+
+
+def test_lt_val_split_is_balanced_disjoint_from_train_and_seeded():
+    plain, task = load_data("digits:lt10-max60", PRE), load_data("digits:lt10-max60-val20", PRE)
+    train, val = task.splits["train"], task.splits["val"]
+    assert np.bincount(val.labels, minlength=10).tolist() == [20] * 10  # balanced
+    assert val.base is train.base  # both drawn from the source's training pool ...
+    assert not set(val.indices.tolist()) & set(train.indices.tolist())  # ... disjoint from the LT split
+    assert np.array_equal(train.indices, plain.splits["train"].indices)  # -val leaves the LT draw as it was
+    assert np.array_equal(task.splits["test"].labels, plain.splits["test"].labels)  # test untouched
+    assert np.array_equal(val.base.labels[val.indices], val.labels)
+    again, other = load_data("digits:lt10-max60-val20", PRE), load_data("digits:lt10-max60-val20", PRE, seed=1)
+    assert np.array_equal(again.splits["val"].indices, val.indices)
+    assert not np.array_equal(other.splits["val"].indices, val.indices)
+    assert not set(other.splits["val"].indices.tolist()) & set(other.splits["train"].indices.tolist())
+    meta = task.meta["long_tail"]
+    assert meta["val_per_class"] == 20 and meta["spec"]["val_per_class"] == 20 and meta["class_counts"][0] == 60
+    assert task.has("val") and task.split("val") is val and task.split("tune_train") is train  # protocol roles
+    assert LongTailSpec.parse("lt100-max1000-val100") == LongTailSpec(100.0, "index", 1000, val_per_class=100)
+
+
+def test_leftover_val_takes_only_unused_samples_and_names_short_classes():
+    labels = np.repeat(np.arange(3), 10)
+    kept = np.array([0, 1, 2, 3, 4, 5, 6, 10, 11, 20])  # class 0 keeps 7 (3 left), class 1 2 (8), class 2 1 (9)
+    val = leftover_val_indices(labels, kept, 3, 3, seed=5)
+    assert np.bincount(labels[val], minlength=3).tolist() == [3, 3, 3] and not set(val) & set(kept)
+    assert set(val[labels[val] == 0]) == {7, 8, 9}  # class 0 has exactly 3 unused samples: all of them
+    with pytest.raises(DataError, match="class 0: 3"):
+        leftover_val_indices(labels, kept, 3, 4)
+
+
+def test_lt_val_typed_errors():
+    with pytest.raises(DataError, match="unused training samples"):
+        load_data("digits:lt10-val20", PRE)  # no -max: the head class is kept whole, nothing left for val
+    with pytest.raises(DataError, match=">= 1"):
+        load_data("digits:lt10-max60-val0", PRE)
+    with pytest.raises(DataError, match="drop -val"):
+        load_data("digits:1k:lt5-max30-val5", PRE)  # the 1k protocol has val200 already

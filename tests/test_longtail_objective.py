@@ -174,3 +174,22 @@ def test_report_draws_a_per_class_bar_plot(tmp_path):
     ] + [CellResult("fmnist-lt", "ce", 2, "failed")]
     (png,) = per_class_plots(layout, cells, str(tmp_path))
     assert png.endswith("per_class-fmnist-lt.png") and (tmp_path / "per_class-fmnist-lt.png").stat().st_size > 1000
+
+
+def test_select_on_val_trains_on_the_lt_split_and_selects_on_the_lt_val_split(tmp_path):
+    r = run_training(
+        backbone=BackboneSpec("cifar-resnet:8w4", image_size=8),
+        data="digits:lt10-max60-val20",  # val: 20 per class of the training images the LT draw left unused
+        method="full",
+        overrides={"bn_stats": "update"},
+        train=TrainConfig(epochs=2, batch_size=64, lr=1e-3, progress=False, select_on_val=True),
+        peak_memory=False,
+        output_dir=str(tmp_path / "v"),
+    )
+    counts = r["task"]["long_tail"]["class_counts"]
+    assert r["task"]["split_sizes"]["val"] == 200 and r["objective"]["train_counts"] == counts
+    assert r["metrics"]["train_samples"] == sum(counts) == r["task"]["split_sizes"]["train"]  # LT split only
+    hist = r["history"]
+    assert r["metrics"]["selected_epoch"] in (0, 1) and all("val_hmean" in h for h in hist)
+    best = max(h["val_mean_class_accuracy"] for h in hist)
+    assert r["metrics"]["val_mean_class_accuracy"] == best  # the long_tail selection metric, read on val

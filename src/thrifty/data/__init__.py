@@ -4,7 +4,9 @@ dataset registry (`register_dataset`; `thrifty list datasets`):
 - `vtab:PATH/TO/vtab-1k/<task>` (aliases accepted), always the 1k protocol;
 - `fashion-mnist`, `digits`, `reviews`, `recommend` (packaged real data), `imagefolder:PATH`;
 - a `:1k` suffix draws a seeded, stratified VTAB-1K-style task (train800/val200/train800val200/test);
-- a `:lt<IF>` suffix gives the training split(s) the long-tail profile (thrifty.data.longtail), test untouched.
+- a `:lt<IF>` suffix gives the training split(s) the long-tail profile (thrifty.data.longtail), test untouched;
+  `:lt<IF>-max<N>-val<K>` adds a balanced `val` split of K per class drawn from the training samples the LT draw
+  left unused (what `--select-on-val` selects on).
 
 A task whose training split's class counts differ by more than `IMBALANCE_FACTOR` (10x), or any `:lt` task, names
 the `long_tail` objective as its default (`TaskData.objective`; `--objective` overrides).

@@ -8,8 +8,15 @@ longtail-ssl.md §6), for the class at rank r = 0..C-1 of the class order:
 then each class keeps the first n_r of a seeded shuffle of its samples. n_max is the largest class size for which
 every class still has n_r samples (for a balanced source: the class size, as in CIFAR-LT), capped by `max`.
 Class order: `index` (class 0 is the head; CIFAR-LT's), `perm` (a seeded permutation), `count` (descending source
-count, for already-skewed sources). Modifier syntax: `:lt<IF>[-index|-perm|-count][-max<N>]`, e.g.
-`fashion-mnist:lt100`, `reviews:lt100-count-max1000`, `digits:lt10-perm-max50`.
+count, for already-skewed sources). Modifier syntax: `:lt<IF>[-index|-perm|-count][-max<N>][-val<N>]`, e.g.
+`fashion-mnist:lt100`, `reviews:lt100-count-max1000`, `digits:lt10-perm-max50`, `fashion-mnist:lt100-max1000-val100`.
+
+Validation split (`-val<N>`, protocol "full" only): a balanced `val` split of N samples per class, the first N of a
+seeded shuffle (its own random stream) of the source's training samples of that class that the long-tailed draw did
+NOT keep; disjoint from the LT `train` split, which is identical to the draw without `-val`. It is what
+`--select-on-val` and the greedy soup select on, so nothing is picked on `test`. A class with fewer than N leftovers
+is a DataError: without `-max` a balanced source keeps its whole head class, so pair `-val` with `-max<N>` below
+the class size (Fashion-MNIST-LT `-max1000` leaves >= 5,000 unused images per class).
 
 Composition with `:1k` (either order in the spec): the source, and its 1k draw if any, load first; then every split
 that trains gets the profile on its own (protocol "full": `train`; "1k": `train800val200` and `train800`, each with
@@ -31,7 +38,7 @@ import numpy as np
 from thrifty.errors import DataError
 
 
-LT_MODIFIER = re.compile(r"lt(\d+(?:\.\d*)?)((?:-(?:index|perm|count|max\d+))*)")
+LT_MODIFIER = re.compile(r"lt(\d+(?:\.\d*)?)((?:-(?:index|perm|count|max\d+|val\d+))*)")
 ORDERS = ("index", "perm", "count")
 MANY_THRESHOLD, FEW_THRESHOLD = 100, 20
 IMBALANCE_FACTOR = 10.0  # max/min training class count above which a task selects the `long_tail` objective
@@ -39,13 +46,15 @@ IMBALANCE_FACTOR = 10.0  # max/min training class count above which a task selec
 
 @dataclass(frozen=True)
 class LongTailSpec:
-    """`imbalance` = IF = n_max / n_min >= 1; `order` of the classes along the profile; `max_per_class` caps n_max."""
+    """`imbalance` = IF = n_max / n_min >= 1; `order` of the classes along the profile; `max_per_class` caps n_max;
+    `val_per_class` draws a balanced `val` split of that many unused training samples per class (module docstring)."""
 
     imbalance: float
     order: str = "index"
     max_per_class: int | None = None
     many_threshold: int = MANY_THRESHOLD
     few_threshold: int = FEW_THRESHOLD
+    val_per_class: int | None = None
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.imbalance) or self.imbalance < 1:
@@ -56,22 +65,27 @@ class LongTailSpec:
             raise DataError(f"long-tail class order must be one of {ORDERS}, got {self.order!r}")
         if self.max_per_class is not None and self.max_per_class < 1:
             raise DataError(f"-max<N> must be >= 1, got {self.max_per_class}")
+        if self.val_per_class is not None and self.val_per_class < 1:
+            raise DataError(f"-val<N> must be >= 1 samples per class, got {self.val_per_class}")
         if self.few_threshold > self.many_threshold:
             raise DataError(f"few threshold {self.few_threshold} is above the many threshold {self.many_threshold}")
 
     @classmethod
     def parse(cls, token: str) -> LongTailSpec:
-        """'lt100' -> LongTailSpec(100.0); 'lt20-count-max500' -> (20.0, 'count', 500)."""
+        """'lt100' -> LongTailSpec(100.0); 'lt20-count-max500' -> (20.0, 'count', 500); '-val100' sets
+        val_per_class = 100."""
         m = LT_MODIFIER.fullmatch(token)
         if not m:
-            raise DataError(f"bad long-tail modifier {token!r}; use lt<IF>[-index|-perm|-count][-max<N>]")
-        order, cap = "index", None
+            raise DataError(f"bad long-tail modifier {token!r}; use lt<IF>[-index|-perm|-count][-max<N>][-val<N>]")
+        order, cap, val = "index", None, None
         for opt in filter(None, m.group(2).split("-")):
             if opt.startswith("max"):
                 cap = int(opt[3:])
+            elif opt.startswith("val"):
+                val = int(opt[3:])
             else:
                 order = opt
-        return cls(float(m.group(1)), order, cap)
+        return cls(float(m.group(1)), order, cap, val_per_class=val)
 
 
 def profile_counts(n_max: int, num_classes: int, imbalance: float) -> np.ndarray:
@@ -129,6 +143,26 @@ def long_tail_indices(labels: np.ndarray, num_classes: int, spec: LongTailSpec, 
     return np.sort(np.concatenate(keep))
 
 
+def leftover_val_indices(
+    labels: np.ndarray, kept: np.ndarray, num_classes: int, per_class: int, seed: int = 0
+) -> np.ndarray:
+    """Sorted indices of a balanced val split: per class, the first `per_class` of a seeded shuffle of the samples
+    NOT in `kept` (the LT draw). Disjoint from `kept` by construction; DataError naming every short class."""
+    labels = np.asarray(labels, np.int64)
+    left = np.ones(len(labels), bool)
+    left[np.asarray(kept, np.int64)] = False
+    pools = [np.flatnonzero(left & (labels == c)) for c in range(num_classes)]
+    short = {c: len(p) for c, p in enumerate(pools) if len(p) < per_class}
+    if short:
+        raise DataError(
+            f"-val{per_class} needs {per_class} unused training samples per class, but the long-tail draw left "
+            f"{', '.join(f'class {c}: {n}' for c, n in short.items())}; lower -val<N>, or cap the head with -max<N> "
+            "below the class size so the LT draw leaves samples unused"
+        )
+    rng = np.random.default_rng([seed, 6151])  # a stream of its own: the LT draw is the same with or without -val
+    return np.sort(np.concatenate([rng.permutation(p)[:per_class] for p in pools]))
+
+
 def shot_groups(counts: np.ndarray, many: int = MANY_THRESHOLD, few: int = FEW_THRESHOLD) -> dict[str, list[int]]:
     """Classes by training count: many n > `many`, few n < `few`, medium otherwise."""
     counts = np.asarray(counts)
@@ -163,17 +197,28 @@ def apply_long_tail(task, spec: LongTailSpec, seed: int = 0):
     from thrifty.data.base import PROTOCOLS, TaskData
 
     roles = PROTOCOLS[task.protocol]
+    if spec.val_per_class is not None and (task.protocol != "full" or roles["val"] in task.splits):
+        raise DataError(
+            f"{task.name}: -val{spec.val_per_class} draws a val split for a task that has none (protocol 'full'); "
+            f"this one has {roles['val']!r} already (protocol {task.protocol!r}): drop -val<N>"
+        )
     trained = list(dict.fromkeys(roles[r] for r in ("train", "tune_train") if roles[r] in task.splits))
     untouched = {roles[r] for r in ("test", "val")} & set(task.splits)
     splits = dict(task.splits)
+    extra: dict[str, Any] = {}
     for name in trained:
         if name in untouched:
             continue
         ds = splits[name]
-        splits[name] = ds.subset(long_tail_indices(ds.labels, task.num_classes, spec, seed))
+        kept = long_tail_indices(ds.labels, task.num_classes, spec, seed)
+        splits[name] = ds.subset(kept)
+        if spec.val_per_class is not None and name == roles["train"]:
+            val = leftover_val_indices(ds.labels, kept, task.num_classes, spec.val_per_class, seed)
+            splits[roles["val"]] = ds.subset(val)
+            extra = {"val_per_class": spec.val_per_class, "val_source": "training samples the LT draw did not keep"}
     final = splits[roles["train"]]
     counts = np.bincount(final.labels, minlength=task.num_classes)
-    meta = {**task.meta, "long_tail": {**long_tail_meta(counts, spec, roles["train"]), "seed": seed}}
+    meta = {**task.meta, "long_tail": {**long_tail_meta(counts, spec, roles["train"]), "seed": seed, **extra}}
     return TaskData(f"{task.name}:lt{spec.imbalance:g}", splits, task.num_classes, task.protocol, meta, "long_tail")
 
 

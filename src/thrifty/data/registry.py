@@ -1,8 +1,9 @@
 """Dataset sources: `@register_dataset(name, takes_path=...)` on a loader; `load_data` resolves a spec string
 `name[:PATH][:modifier...]` through this one table. Modifiers come last, in any order: `:1k` draws the
-VTAB-1K-style few-sample protocol (train800 / val200 / train800val200 / test); `:lt<IF>[-perm|-count][-max<N>]`
-gives the training split(s) the exponential long-tail profile (thrifty.data.longtail; applied after the source
-and its 1k draw)."""
+VTAB-1K-style few-sample protocol (train800 / val200 / train800val200 / test);
+`:lt<IF>[-perm|-count][-max<N>][-val<N>]` gives the training split(s) the exponential long-tail profile (and with
+`-val<N>` a balanced val split of unused training samples; thrifty.data.longtail; applied after the source and its
+1k draw)."""
 
 from __future__ import annotations
 

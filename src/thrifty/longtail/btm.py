@@ -314,8 +314,9 @@ class BTMRun:
             role = self.config.soup_role
             if role == "val" and not task.has("val"):
                 raise ConfigError(
-                    "the greedy soup selects on a val split and this task has none: use a :1k task, "
-                    "train with select_on_val, or soup_role='train' (selects on the training split)"
+                    "the greedy soup selects on a val split and this task has none: add one with the long-tail "
+                    "modifier's -val<N> (e.g. fashion-mnist:lt100-max1000-val100), use a :1k task, or "
+                    "soup_role='train' (selects on the training split)"
                 )
             split = task.split("val" if role == "val" else self.stage1_cfg.train_role)
 
