@@ -1,0 +1,63 @@
+"""QwT-v2 options of issue 21: `skip_modules` (layers left without an affine) and `layernorm` (CWAC on LayerNorm
+outputs, folded into the LayerNorm)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from _ptq_models import batches, ptq_bert, tuned
+from thrifty.compress import PTQConfig, QwTV2Config, quantize_
+from thrifty.compress.quant import QuantLinear
+from thrifty.compress.quant.qwt_v2 import NORM_AFFINE_ATTR
+from thrifty.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def bert():
+    bb = ptq_bert()
+    return tuned(bb), batches(bb)
+
+
+def _logits(model, data):
+    with torch.no_grad():
+        return torch.cat([model(x) for x in data])
+
+
+def test_skip_modules_leaves_layers_unfitted(bert):
+    model, data = bert
+    q = copy.deepcopy(model)
+    cfg = QwTV2Config(base_config=PTQConfig(w_bits=4, a_bits=4), fold=False, skip_modules=(r".*intermediate\.dense",))
+    quantize_(q, cfg, calib_data=data)
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    skipped = [n for n in layers if n.endswith("intermediate.dense")]
+    assert skipped and all(layers[n].cwac_a is None for n in skipped)
+    assert all(m.cwac_a is not None for n, m in layers.items() if n not in skipped)
+    fitted = {e["layer"] for e in q.thrifty_quant["spec"]["compensation_log"]}
+    assert fitted == set(layers) - set(skipped)
+    with pytest.raises(ConfigError, match="skip_modules"):
+        QwTV2Config(skip_modules=("(",))
+
+
+def test_layernorm_affine_is_fitted_folded_and_helps(bert):
+    model, data = bert
+    base = PTQConfig(w_bits=4, a_bits=4)
+    plain, with_ln = copy.deepcopy(model), copy.deepcopy(model)
+    quantize_(plain, QwTV2Config(base_config=base), calib_data=data)
+    quantize_(with_ln, QwTV2Config(base_config=base, layernorm=True), calib_data=data)
+    norms = [n for n, m in with_ln.named_modules() if isinstance(m, nn.LayerNorm)]
+    log = with_ln.thrifty_quant["spec"]["compensation_log"]
+    assert set(norms) <= {e["layer"] for e in log}
+    # folded: no helper modules or hooks left, the state dict has plain QwT-v2's keys and shapes
+    assert not any(NORM_AFFINE_ATTR in n for n, _ in with_ln.named_modules())
+    assert all(not m._forward_hooks for m in with_ln.modules() if isinstance(m, nn.LayerNorm))
+    sd_a, sd_b = plain.state_dict(), with_ln.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(sd_a[k].shape == sd_b[k].shape for k in sd_a)
+    # the LayerNorm affines changed the norms, and every fit lowered (never raised) its own calibration error
+    changed = [n for n in norms if not torch.equal(sd_a[n + ".weight"], sd_b[n + ".weight"])]
+    assert changed
+    assert all(e["sse_after"] <= e["sse_before"] * (1 + 1e-6) + 1e-9 for e in log)
+    ref = _logits(model, data)
+    err = lambda q: float((_logits(q, data) - ref).norm() / ref.norm())  # noqa: E731
+    assert err(with_ln) < 1.5 * err(plain)
