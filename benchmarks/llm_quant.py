@@ -1,7 +1,8 @@
 """SmolLM2-135M at int8 and int4 weights, with and without KV-head compression (issue 21, item 4).
 
-Rows: {float32, int8 (torchao Int8Tensor, per-token dynamic int8 activations), int4 (W4A16, torch's CPU int4
-kernel, the labelled fallback of thrifty.compress.quant.torchao_serving)} x {3 KV heads (original), 1 KV head
+Rows: {float32, int8 (torchao Int8Tensor, per-token dynamic int8 activations), int8t (torch's own dynamic int8
+Linear, fbgemm; not torchao), int4g32 / int4g64 (W4A16, torch's CPU int4 kernel, the labelled fallback of
+thrifty.compress.quant.torchao_serving)} x {3 KV heads (original), 1 KV head
 (`svd_a`, complex RoPE keys, no healing: the best un-healed row of benchmarks/kv_heads.py)}. Weights are quantized
 round-to-nearest (`quantize_float_linears_`: int8 per output channel, int4 asymmetric min/max per group of 32 or 64
 inputs) in every decoder Linear (q, k, v, o, gate, up, down); the tied embedding / LM head stays float32 (quantizing
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from kv_heads import GPL3, kv_bytes_per_token, perplexity, token_stream
 from kv_heads import statistics as kv_statistics
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from thrifty.backbones.hf_decoder import load_smollm2
 from thrifty.cli.common import print_table
@@ -51,7 +53,7 @@ from thrifty.metrics import environment
 
 
 KV = {"kv3": None, "kv1_svd_a": {"values": "svd_a", "keys": "svd_a", "rope_keys": "complex"}}
-WEIGHTS = ["float32", "int8", "int4g32", "int4g64"]  # int4g<N>: groups of N inputs
+WEIGHTS = ["float32", "int8", "int8t", "int4g32", "int4g64"]  # int4g<N>: groups of N inputs
 
 
 def build(base, weights: str, kv: str, stats, args) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -60,15 +62,18 @@ def build(base, weights: str, kv: str, stats, args) -> tuple[torch.nn.Module, di
     if KV[kv] is not None:
         compress_kv_heads_(model, KVHeadsConfig(kv_heads=1, **KV[kv]), statistics=stats)
     if weights != "float32":
-        mode = "int8_dynamic" if weights == "int8" else "int4_weight_only"
+        mode = {"int8": "int8_dynamic", "int8t": "int8_dynamic_torch"}.get(weights, "int4_weight_only")
         group = int(weights[len("int4g") :]) if weights.startswith("int4g") else 128
         cfg = TorchaoServingConfig(mode=mode, group_size=group)
         inner = lambda m, name: ".layers." in f".{name}"  # noqa: E731  decoder blocks only (not the tied head)
         info.update(quantize_float_linears_(model, cfg, filter_fn=inner))
         info["int4_linears"] = sum(isinstance(m, Int4Linear) for m in model.modules())
         info["int8_linears"] = sum(isinstance(m, ServingLinear) for m in model.modules())
+        info["int8_torch_linears"] = sum(
+            type(m).__name__ == "Linear" and hasattr(m, "_packed_params") for m in model.modules()
+        )
     info["state_bytes"] = serving_bytes(model)
-    kinds = (torch.nn.Linear, ServingLinear, Int4Linear)
+    kinds = (torch.nn.Linear, ServingLinear, Int4Linear, DynamicLinear)
     info["decoder_linear_bytes"] = sum(
         serving_bytes(m) for n, m in model.named_modules() if isinstance(m, kinds) and ".layers." in f".{n}"
     )

@@ -170,3 +170,18 @@ def test_bad_inputs_raise(bert):
         to_torchao_(copy.deepcopy(q), TorchaoServingConfig(mode="int8_static"))
     with pytest.raises(ConfigError, match="mode"):
         TorchaoServingConfig(mode="int3")
+
+
+def test_int8_dynamic_torch_keeps_thrifty_codes(bert):
+    model, data = bert
+    q = _quantized(model, data, QwTV2Config(base_config=PTQConfig(w_bits=8, a_bits=8, **FLOAT_ATTN), fold=False))
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    served = copy.deepcopy(q)
+    to_torchao_(served, TorchaoServingConfig(mode="int8_dynamic_torch"))
+    for n, m in layers.items():
+        got = served.get_submodule(n).weight()  # the qint8 per-channel weight fbgemm multiplies by
+        assert torch.equal(got.int_repr(), m.weight_codes)
+        torch.testing.assert_close(got.q_per_channel_scales().float(), m.weight_scale * m.cwac_a)  # CWAC folded
+    assert _rel(_logits(served, data), _logits(_weight_only(q), data)) < 0.03
+    linear = sum(x.weight.numel() for x in model.modules() if isinstance(x, nn.Linear))
+    assert serving_bytes(served) < serving_bytes(model) - 2.5 * linear

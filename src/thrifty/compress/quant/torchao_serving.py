@@ -21,6 +21,12 @@
   not a multiple of the group) take the int8_dynamic form. Activations of int4 layers run in bfloat16,
   the dtype of the kernel's fast path (float32 inputs hit a path about 100x slower on this CPU).
 
+- `mode="int8_dynamic_torch"`: not torchao: torch's own dynamic int8 linear (`torch.ao.nn.quantized.dynamic.Linear`,
+  fbgemm's `quantized::linear_dynamic`: per-tensor dynamic uint8 activations) holding thrifty's codes as a
+  per-channel qint8 tensor. In eager mode it is the fastest int8 form on this CPU (torchao's Int8Tensor dispatches
+  through Python per call: 4x slower than float32 for one token, see docs/benchmarks-more.md). torch 2.14 marks
+  its quantized-tensor constructors deprecated (a UserWarning); torchao is their announced successor.
+
 Everything else runs in float: the attention quantizers (q/k/v output quantizers, the post-softmax quantizer) are
 simulation points with no PyTorch kernel behind them and are removed (attention goes back to SDPA); QwT's
 compensation branches stay as they are (float16 x W + b, not foldable); `QuantConv2d` becomes a float Conv2d with
@@ -45,7 +51,7 @@ from thrifty.tuners.targeting import set_submodule
 from thrifty.values import check
 
 
-MODES = ("int8_dynamic", "int8_static", "int4_weight_only")
+MODES = ("int8_dynamic", "int8_static", "int4_weight_only", "int8_dynamic_torch")
 INT4_GROUPS = (32, 64, 128, 256)
 
 
@@ -53,7 +59,9 @@ INT4_GROUPS = (32, 64, 128, 256)
 class TorchaoServingConfig:
     """How `to_torchao_` stores and runs the quantized linears."""
 
-    mode: str = field(default="int8_dynamic", metadata={"help": "int8_dynamic | int8_static | int4_weight_only"})
+    mode: str = field(
+        default="int8_dynamic", metadata={"help": "int8_dynamic | int8_static | int4_weight_only | int8_dynamic_torch"}
+    )
     group_size: int = field(default=128, metadata={"help": "int4: inputs per scale group (32, 64, 128, 256)"})
     embeddings: bool = field(default=False, metadata={"help": "store nn.Embedding tables as int8 per row"})
 
@@ -166,6 +174,22 @@ def int8_linear(codes, zero_point, scale, bias, *, static: tuple[float, int] | N
     return ServingLinear(w, bias)
 
 
+def torch_dynamic_linear(codes, zero_point, scale, bias) -> nn.Module:
+    """torch.ao's dynamic quantized Linear (fbgemm) holding the given symmetric int8 codes, per-channel scales."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    if codes.dtype != torch.int8 or bool((zero_point != 0).any()):
+        raise ConfigError(
+            "int8_dynamic_torch takes symmetric weights (zero point 0); quantize with weight_symmetric=True"
+        )
+    n, k = codes.shape
+    zeros = torch.zeros(n, dtype=torch.long)
+    q = torch._make_per_channel_quantized_tensor(codes.contiguous(), scale.double().contiguous(), zeros, 0)
+    layer = DynamicLinear(k, n, dtype=torch.qint8)
+    layer.set_weight_bias(q, None if bias is None else bias.detach().float().contiguous())
+    return layer
+
+
 def int4_linear(codes, zero_point, scale, bias, group_size: int) -> Int4Linear:
     """Per-channel int4 codes (w = (codes - z) s) as the CPU int4 kernel's groups: q = codes - z + 8 stays in
     0..15 for symmetric codes; asymmetric uint codes q = codes, zero = (8 - z) s."""
@@ -217,8 +241,10 @@ def to_torchao_(model: nn.Module, config: TorchaoServingConfig | None = None) ->
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
             codes, zp, scale, bias = _folded(m)
-            if config.mode == "int4_weight_only" and m.w_bits <= 4 and int4_fits(*codes.shape, config.group_size):
-                new: nn.Module = int4_linear(codes, zp, scale, bias, config.group_size)
+            if config.mode == "int8_dynamic_torch":
+                new: nn.Module = torch_dynamic_linear(codes, zp, scale, bias)
+            elif config.mode == "int4_weight_only" and m.w_bits <= 4 and int4_fits(*codes.shape, config.group_size):
+                new = int4_linear(codes, zp, scale, bias, config.group_size)
                 counts["int4"] += 1
             elif config.mode == "int4_weight_only":  # 8-bit edge layers (PTQConfig.edge_bits), odd shapes: int8
                 new = int8_linear(codes, zp, scale, bias)
@@ -272,7 +298,9 @@ def quantize_float_linears_(
         else:
             scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
             codes = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
-            new = int8_linear(codes, torch.zeros(w.shape[0], dtype=torch.int8), scale, bias)
+            zp = torch.zeros(w.shape[0], dtype=torch.int8)
+            make = torch_dynamic_linear if config.mode == "int8_dynamic_torch" else int8_linear
+            new = make(codes, zp, scale, bias)
         set_submodule(model, name, new)
         n += 1
     if config.embeddings:
@@ -300,8 +328,17 @@ def serving_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
 
-    def add(t: torch.Tensor) -> None:
+    def add(t: Any) -> None:
         nonlocal total
+        if isinstance(t, (tuple, list)):  # torch.ao's packed params: (qweight, bias)
+            for x in t:
+                add(x)
+            return
+        if not isinstance(t, torch.Tensor):
+            return
+        if t.is_quantized:  # int8 codes + per-channel float64 scales and int64 zero points
+            total += t.int_repr().nbytes + (t.q_per_channel_scales().nbytes + t.q_per_channel_zero_points().nbytes)
+            return
         if hasattr(t, "__tensor_flatten__"):
             names, _ = t.__tensor_flatten__()
             for k in names:
@@ -313,6 +350,5 @@ def serving_bytes(model: nn.Module) -> int:
             total += t.untyped_storage().nbytes()
 
     for t in model.state_dict(keep_vars=True).values():
-        if isinstance(t, torch.Tensor):
-            add(t)
+        add(t)
     return total
