@@ -14,7 +14,8 @@ Variants (`--variants`; each row: seed x bits x variant x calibration size):
   ptq, qwt, v2                     the three methods as in the docs
   v2_ln                            QwTV2Config(layernorm=True): CWAC also on LayerNorm outputs (folded into LN)
   v2_ffn / v2_attn                 CWAC only on the FFN (intermediate/output.dense) / only on the attention layers
-  v2_noclf                         no CWAC on the pooler and classifier (the edge layers, 8 bits)
+  v2_mm / v2_bias                  QwTV2Config(fit="moments") (a = Std ratio) / fit="bias" (a = 1, mean shift)
+  v2_noclf                         no CWAC on the task head (and a pooler, if any: the 8-bit edge layers)
   {ptq,qwt,v2,v2_ln}@fpattn        base PTQ with float attention (qkv_quant=False, softmax_quant=False)
   v2@c128, v2@c512, qwt@c512       calibration size
 Rows are appended to the JSON as they finish; a rerun skips finished rows (resumable).
@@ -55,13 +56,15 @@ from thrifty.tuners import load_tuned_model
 
 ATTN = (r".*attention\.self\.(query|key|value)", r".*attention\.output\.dense")
 FFN = (r".*intermediate\.dense", r".*layer\.\d+\.output\.dense")
-EDGE = (r".*pooler\.dense", r".*classifier")
+EDGE = (r".*pooler\.dense", r".*classifier", "head")  # thrifty's task head is `head`
 V2_OPTIONS: dict[str, dict[str, Any]] = {
     "v2": {},
     "v2_ln": {"layernorm": True},
     "v2_ffn": {"skip_modules": ATTN + EDGE},
     "v2_attn": {"skip_modules": FFN + EDGE},
     "v2_noclf": {"skip_modules": EDGE},
+    "v2_mm": {"fit": "moments"},
+    "v2_bias": {"fit": "bias"},
 }
 CORE = ["ptq", "qwt", "v2", "v2_ln"]
 EXTRA = ["ptq@fpattn", "qwt@fpattn", "v2@fpattn", "v2_ffn", "v2_noclf", "v2_attn"]  # run before seeds 1, 2
@@ -184,7 +187,15 @@ def main() -> None:
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--val-size", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--summary-only", nargs="*", help="print the table of these JSON files (rows merged) and exit")
     args = p.parse_args()
+    if args.summary_only is not None:
+        rows: list[dict[str, Any]] = []
+        for path in [args.output, *args.summary_only]:
+            with open(path) as f:
+                rows += [r for r in json.load(f)["rows"] if r["key"] not in {x["key"] for x in rows}]
+        summarize({"rows": rows})
+        return
     torch.set_num_threads(args.threads)
     os.makedirs(args.workdir, exist_ok=True)
     results: dict[str, Any] = {"args": vars(args), "env": environment(torch.device("cpu")), "rows": []}

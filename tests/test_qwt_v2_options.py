@@ -61,3 +61,27 @@ def test_layernorm_affine_is_fitted_folded_and_helps(bert):
     ref = _logits(model, data)
     err = lambda q: float((_logits(q, data) - ref).norm() / ref.norm())  # noqa: E731
     assert err(with_ln) < 1.5 * err(plain)
+
+
+def test_fit_estimators():
+    """ls shrinks a noisy y_q towards the mean (a = Cov/Var < 1); moments matches the variance; bias keeps a = 1."""
+    from thrifty.compress.quant.lstsq import ChannelAffine
+
+    g = torch.Generator().manual_seed(0)
+    y_fp = torch.randn(20000, 4, generator=g) * torch.tensor([1.0, 2.0, 0.5, 1.0]) + 3
+    y_q = 0.9 * y_fp + 0.5 * torch.randn(20000, 4, generator=g) - 1
+    stats = ChannelAffine(4)
+    stats.update(y_q, y_fp)
+    a_ls, b_ls = stats.solve(fit="ls")
+    a_mm, b_mm = stats.solve(fit="moments")
+    a_b, b_b = stats.solve(fit="bias")
+    for c in range(4):
+        cov = torch.cov(torch.stack([y_q[:, c], y_fp[:, c]]).double(), correction=0)
+        assert abs(float(a_ls[c]) - float(cov[0, 1] / cov[0, 0])) < 1e-6
+        assert abs(float(a_mm[c]) - float((cov[1, 1] / cov[0, 0]).sqrt())) < 1e-6
+    assert bool((a_ls < a_mm).all()) and bool((a_b == 1).all())
+    for a, b in ((a_ls, b_ls), (a_mm, b_mm), (a_b, b_b)):  # every estimator matches the mean
+        torch.testing.assert_close((a * y_q.double().mean(0) + b).float(), y_fp.mean(0), rtol=1e-4, atol=1e-4)
+    assert stats.sse(a_ls, b_ls) <= min(stats.sse(a_mm, b_mm), stats.sse(a_b, b_b))  # ls is the MSE optimum
+    with pytest.raises(ConfigError, match="fit"):
+        QwTV2Config(fit="median")

@@ -157,6 +157,10 @@ class QwTV2Config(_CompensationConfig):
         default=(),
         metadata={"help": "quantized layers left without an affine: exact name, name suffix or regex (fullmatch)"},
     )
+    fit: str = field(
+        default="ls",
+        metadata={"help": "a_c estimator: ls (Cov/Var, the paper's) | moments (Std ratio) | bias (a = 1)"},
+    )
     layernorm: bool = field(
         default=False,
         metadata={"help": "also fit a per-channel affine on LayerNorm outputs, folded into the LayerNorm's affine"},
@@ -173,6 +177,7 @@ class QwTV2Config(_CompensationConfig):
             except re.error as e:
                 raise ConfigError(f"`skip_modules`: {pat!r} is not a valid regex ({e}); fix or escape it") from e
         check(self.eps >= 0, f"`eps` must be >= 0, got {self.eps!r}")
+        check(self.fit in ("ls", "moments", "bias"), f"`fit` must be ls, moments or bias, got {self.fit!r}")
         check(self.target in ("layer", "model"), f"`target` must be layer or model, got {self.target!r}")
         check(
             not (self.fold and not self.base_config.pack),

@@ -12,7 +12,8 @@ execution order: embed, block 0 .. L-1, tail (head); each fit sees the compensat
 `fold_cwac_` then moves a into the per-channel weight scale and beta into the bias, so the converted model has
 exactly the parameters and operations of the plain PTQ model.
 
-Options (issue 21 ablations): `skip_modules` leaves the matched layers without an affine; `layernorm=True` also
+Options (issue 21 ablations): `skip_modules` leaves the matched layers without an affine; `fit` picks the estimator
+(least squares, the paper's; "moments": mean and variance matching; "bias": mean shift only). `layernorm=True` also
 fits the same per-channel affine on every LayerNorm output (y_q = the LayerNorm output in the quantized pipeline,
 y_fp = the float model's), fitted in execution order with the quantized layers and folded into the LayerNorm's
 weight and bias (gamma <- a gamma, b <- a b + beta) once every fit is done, so the float passes of the fit see the
@@ -192,7 +193,7 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
                     stats = ChannelAffine(yq_rows.shape[1], device)
                 stats.update(yq_rows, yf_rows)
                 bar.update(1)
-            a, beta = stats.solve(config.eps)
+            a, beta = stats.solve(config.eps, config.fit)
             before, after = stats.sse(torch.ones_like(a), torch.zeros_like(beta)), stats.sse(a, beta)
             if isinstance(layer, nn.LayerNorm):
                 norm_affines[layer] = _NormAffine(layer)
