@@ -153,10 +153,31 @@ class QwTV2Config(_CompensationConfig):
         metadata={"help": "y_fp = the float model's activation (model) or the float layer on the same input (layer)"},
     )
     fold: bool = field(default=True, metadata={"help": "fold a, beta into scales and biases (needs pack)"})
+    skip_modules: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "quantized layers left without an affine: exact name, name suffix or regex (fullmatch)"},
+    )
+    fit: str = field(
+        default="ls",
+        metadata={"help": "a_c estimator: ls (Cov/Var, the paper's) | moments (Std ratio) | bias (a = 1)"},
+    )
+    layernorm: bool = field(
+        default=False,
+        metadata={"help": "also fit a per-channel affine on LayerNorm outputs, folded into the LayerNorm's affine"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.skip_modules, str):
+            self.skip_modules = (self.skip_modules,)
+        self.skip_modules = tuple(self.skip_modules)
+        for pat in self.skip_modules:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"`skip_modules`: {pat!r} is not a valid regex ({e}); fix or escape it") from e
         check(self.eps >= 0, f"`eps` must be >= 0, got {self.eps!r}")
+        check(self.fit in ("ls", "moments", "bias"), f"`fit` must be ls, moments or bias, got {self.fit!r}")
         check(self.target in ("layer", "model"), f"`target` must be layer or model, got {self.target!r}")
         check(
             not (self.fold and not self.base_config.pack),
@@ -193,6 +214,7 @@ def config_from_dict(d: dict[str, Any]):
     cls = QUANT_CONFIGS.get(d.pop("method", "ptq"))
     if cls is None:
         raise ConfigError(f"unknown quantization method in saved config: {d!r}")
-    if "percentiles" in d:
-        d["percentiles"] = tuple(d["percentiles"])
+    for key in ("percentiles", "skip_modules"):
+        if key in d:
+            d[key] = tuple(d[key])
     return cls(**d)

@@ -86,16 +86,23 @@ class ChannelAffine:
         self.sff += (f * f).sum(0)
         self.n += q.shape[0]
 
-    def solve(self, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
-        """(a, beta), each (C,) float64. Channels whose fit is degenerate (Var(y_q) ~ 0) or has a <= 0 keep a = 1
-        and get the mean shift only (bias correction), so a folded weight scale stays positive."""
+    def solve(self, eps: float = 1e-8, fit: str = "ls") -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, beta), each (C,) float64. `fit="ls"`: least squares, a = Cov / Var(y_q) (shrinks towards 0 when y_q
+        is y_fp plus noise); `"moments"`: a = Std(y_fp) / Std(y_q) (matches mean and variance, no shrinkage);
+        `"bias"`: a = 1 (mean shift only). Channels whose fit is degenerate (Var(y_q) ~ 0) or has a <= 0 keep
+        a = 1 and get the mean shift only (bias correction), so a folded weight scale stays positive."""
         if self.n == 0:
             raise RuntimeError("no samples were accumulated")
         n = self.n
         mq, mf = self.sq / n, self.sf / n
         var = self.sqq / n - mq * mq
         cov = self.sqf / n - mq * mf
-        a = cov / (var + eps)
+        if fit == "moments":
+            a = ((self.sff / n - mf * mf).clamp_min(0) / (var + eps)).sqrt()
+        elif fit == "bias":
+            a = torch.ones_like(var)
+        else:
+            a = cov / (var + eps)
         ok = torch.isfinite(a) & (a > 0) & (var > 1e-12 * (self.sqq / n).clamp_min(1e-30))
         a = torch.where(ok, a, torch.ones_like(a))
         return a, mf - a * mq

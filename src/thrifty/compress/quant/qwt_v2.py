@@ -11,11 +11,19 @@ same quantized input (`target="layer"`, QwT's "same input" rule per layer). Laye
 execution order: embed, block 0 .. L-1, tail (head); each fit sees the compensation of every layer before it.
 `fold_cwac_` then moves a into the per-channel weight scale and beta into the bias, so the converted model has
 exactly the parameters and operations of the plain PTQ model.
+
+Options (issue 21 ablations): `skip_modules` leaves the matched layers without an affine; `fit` picks the estimator
+(least squares, the paper's; "moments": mean and variance matching; "bias": mean shift only). `layernorm=True` also
+fits the same per-channel affine on every LayerNorm output (y_q = the LayerNorm output in the quantized pipeline,
+y_fp = the float model's), fitted in execution order with the quantized layers and folded into the LayerNorm's
+weight and bias (gamma <- a gamma, b <- a b + beta) once every fit is done, so the float passes of the fit see the
+original LayerNorm and the converted model keeps PTQ's parameters.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,7 +32,7 @@ from torch import nn
 
 from thrifty.compress.progress import progress_bar, stage
 from thrifty.compress.quant.config import QwTV2Config
-from thrifty.compress.quant.layers import _QuantWeightLayer, quant_state
+from thrifty.compress.quant.layers import QuantModule, _QuantWeightLayer, quant_state
 from thrifty.compress.quant.lstsq import ChannelAffine
 from thrifty.compress.quant.pipeline import Pipeline, rows, to_device
 from thrifty.compress.quant.ptq import pack_, prepare_ptq_for_loading_, quant_state_of
@@ -50,14 +58,51 @@ def _mask(pipe: Pipeline, state: Any) -> torch.Tensor | None:
     return None
 
 
-def _execution_order(fn: Callable[[Any], Any], state: Any, root: nn.Module) -> list[_QuantWeightLayer]:
-    seen: list[_QuantWeightLayer] = []
+NORM_AFFINE_ATTR = "thrifty_cwac_affine"
+
+
+class _NormAffine(QuantModule):
+    """A per-channel affine on a LayerNorm's output while CWAC is fitted; off in float runs (`quant_enabled`)."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        c = norm.normalized_shape[-1]
+        self.register_buffer("a", torch.ones(c))
+        self.register_buffer("beta", torch.zeros(c))
+        self.quant_enabled = True
+        self.handle = norm.register_forward_hook(self._hook)
+        norm.add_module(NORM_AFFINE_ATTR, self)  # a submodule, so quant_state(model, False) switches it off
+
+    def _hook(self, module, args, out):
+        return out * self.a + self.beta if self.quant_enabled else out
+
+    def fold_into_(self, norm: nn.LayerNorm) -> None:
+        """gamma <- a gamma, bias <- a bias + beta (exact: LayerNorm's output is gamma * xhat + bias)."""
+        self.handle.remove()
+        delattr(norm, NORM_AFFINE_ATTR)
+        with torch.no_grad():
+            if norm.weight is None:
+                norm.weight = nn.Parameter(torch.ones_like(self.a), requires_grad=False)
+            if norm.bias is None:
+                norm.bias = nn.Parameter(torch.zeros_like(self.a), requires_grad=False)
+            norm.bias.copy_(norm.bias * self.a + self.beta)
+            norm.weight.mul_(self.a)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """PEFT-style module selection: exact name, `.`-separated suffix, or a regex that matches the whole name."""
+    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
+
+
+def _execution_order(fn: Callable[[Any], Any], state: Any, root: nn.Module, norms: bool = False) -> list[nn.Module]:
+    seen: list[nn.Module] = []
 
     def hook(module, args):
         if module not in seen:
             seen.append(module)
 
-    handles = [m.register_forward_pre_hook(hook) for m in root.modules() if isinstance(m, _QuantWeightLayer)]
+    kinds = (_QuantWeightLayer, nn.LayerNorm) if norms else (_QuantWeightLayer,)
+    handles = [m.register_forward_pre_hook(hook) for m in root.modules() if isinstance(m, kinds)]
     try:
         fn(state)
     finally:
@@ -89,6 +134,7 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
     cache: list[Any] | None = list(batches) if config.cache_hidden else None
     fp_cache: list[Any] | None = list(batches) if config.cache_hidden and use_model else None
     log = []
+    norm_affines: dict[nn.Module, _NormAffine] = {}
 
     def states(k: int, fp: bool = False) -> Iterator[Any]:
         stored = fp_cache if fp else cache
@@ -102,8 +148,9 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
                     s = segs[j][1](s)
             yield s
 
-    def capture(layer: _QuantWeightLayer, fn: Callable[[Any], Any], s: Any, fp: bool) -> torch.Tensor:
-        """Rows of the layer's output in one segment run: float model (fp) or (y_q, y_fp same input)."""
+    def capture(layer: nn.Module, fn: Callable[[Any], Any], s: Any, fp: bool) -> Any:
+        """The layer's output in one segment run: float model (fp) or (y_q, y_fp same input); a LayerNorm gives
+        its output in the run (its affine on in the quantized run, off in the float one)."""
         out: list[Any] = []
 
         def hook(module, args):
@@ -111,7 +158,14 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
             out.append(module._op(x, module.weight, module.bias) if fp else layer_outputs(module, x))
             raise _Stop
 
-        handle = layer.register_forward_pre_hook(hook)
+        def norm_hook(module, args, y):
+            out.append(y if fp else (y, y))
+            raise _Stop
+
+        if isinstance(layer, nn.LayerNorm):  # registered after the _NormAffine hook: sees the affine's output
+            handle = layer.register_forward_hook(norm_hook)
+        else:
+            handle = layer.register_forward_pre_hook(hook)
         try:
             with quant_state(model, False) if fp else contextlib.nullcontext(), contextlib.suppress(_Stop):
                 fn(s)
@@ -123,7 +177,9 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
         """Fit a, beta of every quantized layer of segment k in execution order; returns their log entries."""
         log = []
         first = next(iter(states(k)))
-        for layer in _execution_order(fn, first, model):
+        for layer in _execution_order(fn, first, model, norms=config.layernorm):
+            if _matches(names[id(layer)], config.skip_modules):
+                continue
             bar.set_postfix(layer=".".join(names[id(layer)].split(".")[-3:]), refresh=False)
             stats: ChannelAffine | None = None
             fp_states = states(k, fp=True) if use_model else None
@@ -137,9 +193,14 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
                     stats = ChannelAffine(yq_rows.shape[1], device)
                 stats.update(yq_rows, yf_rows)
                 bar.update(1)
-            a, beta = stats.solve(config.eps)
+            a, beta = stats.solve(config.eps, config.fit)
             before, after = stats.sse(torch.ones_like(a), torch.zeros_like(beta)), stats.sse(a, beta)
-            layer.set_cwac_(a.float(), beta.float())
+            if isinstance(layer, nn.LayerNorm):
+                norm_affines[layer] = _NormAffine(layer)
+                norm_affines[layer].a.copy_(a.float())
+                norm_affines[layer].beta.copy_(beta.float())
+            else:
+                layer.set_cwac_(a.float(), beta.float())
             log.append(
                 {
                     "layer": names[id(layer)],
@@ -153,7 +214,8 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
             )
         return log
 
-    total = sum(isinstance(m, _QuantWeightLayer) for m in model.modules())
+    kinds = (_QuantWeightLayer, nn.LayerNorm) if config.layernorm else (_QuantWeightLayer,)
+    total = sum(isinstance(m, kinds) and not _matches(n, config.skip_modules) for n, m in model.named_modules())
     title = f"QwT-v2 CWAC ({total} layers, {len(batches)} batches, target {config.target})"
     bar = progress_bar(total=total * len(batches), desc="QwT-v2 layer x batch", unit="batch")
     with stage(title) as info, bar:
@@ -165,6 +227,8 @@ def fit_cwac_(model: nn.Module, config: QwTV2Config, batches: list[Any]) -> list
                 if fp_cache is not None:
                     with quant_state(model, False):
                         fp_cache = [fn(s) for s in fp_cache]
+        for norm, affine in norm_affines.items():
+            affine.fold_into_(norm)
         if log:
             info["note"] = f"mean error reduction {sum(e['error_reduction'] for e in log) / len(log):.1%}"
     return log
