@@ -52,7 +52,7 @@ def summarize(model: nn.Module) -> dict[str, Any]:
 
 
 def export_onnx(model: nn.Module, path: str, example_inputs: Any) -> str:
-    """QDQ ONNX graph (thrifty.compress.quant.onnx_export)."""
+    """The deployment ONNX graph on integer kernels (thrifty.compress.quant.onnx_export)."""
     from thrifty.compress.quant import onnx_export
 
     return onnx_export.export_onnx(model, path, example_inputs)
@@ -70,5 +70,6 @@ for _cls, _apply in ((PTQConfig, apply_ptq_), (QwTConfig, apply_qwt_), (QwTV2Con
         manifest=CONFIG_NAME,
         config_key="quant_config",
         export_onnx=export_onnx,
+        onnx_options={"softmax_quantizer": "uniform"},  # P x V on integer kernels (log2 has no integer form)
         summarize=summarize,
     )
