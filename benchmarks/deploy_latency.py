@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: dict[str, dict[str, Any]] = read_json(state_path) if os.path.exists(state_path) else {}
     paths = {"float": os.path.join(args.workdir, "float.onnx")}
     if "float" not in rows:
-        export_onnx(model, paths["float"], example)
+        export_onnx(model, paths["float"], example, optimize=True)  # folded weights: what ORT quantizers expect
         rows["float"] = {"pytorch_accuracy": default_evaluate(model, task)["accuracy"]}
         write_json(state_path, rows)
     log(f"float: {rows['float']}")

@@ -182,3 +182,32 @@ def test_qwt_v2_folded_into_int4_block_scales_equals_unfolded():
             with export_mode(folded):  # MatMulNBits blobs with a folded into every block scale, fp32 simulation
                 out = folded(x)
         assert float((out - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_evaluate_onnx_reads_any_export_by_input_name(tmp_path):
+    """`thrifty eval --onnx` on a foreign export: another input name, the first output taken as logits."""
+    from torch.utils.data import TensorDataset
+
+    from thrifty.cli.eval import _onnx_backbone
+    from thrifty.compress.quant.onnx_export import evaluate_onnx
+    from thrifty.errors import ConfigError
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+    path = str(tmp_path / "foreign.onnx")
+    torch.onnx.export(
+        net,
+        (torch.randn(2, 3, 2, 2),),
+        path,
+        dynamo=True,
+        input_names=["pixel_values"],
+        dynamic_shapes=({0: torch.export.Dim("b")},),
+    )
+    x, y = torch.randn(10, 3, 2, 2), torch.randint(0, 3, (10,))
+    res = evaluate_onnx(path, TensorDataset(x, y), batch_size=4)
+    with torch.no_grad():
+        expected = float((net(x).argmax(-1) == y).float().mean())
+    assert res["samples"] == 10 and abs(res["accuracy"] - expected) < 1e-6
+    args = type("A", (), {"onnx": path, "backbone": None})()
+    with pytest.raises(ConfigError, match="--backbone"):
+        _onnx_backbone(args)
