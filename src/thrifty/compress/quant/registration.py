@@ -22,7 +22,7 @@ from thrifty.compress.registry import register_compressor
 
 _NOT_OPTIONS = ("step", "base_config", "w_bits", "a_bits", "version")
 _WIDTHS = ",".join(map(str, CLI_BITS))
-BITS_HELP = f"weight and activation bits, w{{{_WIDTHS}}}a{{{_WIDTHS}}} (default w8a8)"
+BITS_HELP = f"weight and activation bits, w{{{_WIDTHS}}}a{{{_WIDTHS},16}} (a16: float activations; default w8a8)"
 
 
 def quant_option_types(config_cls: type) -> dict[str, Any]:
