@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log2-ablation", action="store_true", help="also PTQ W8A8 with the log2 softmax quantizer")
     p.add_argument("--sim-eval", default="thrifty-ptq-w8a8", help="forms also evaluated in the PyTorch simulation")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--build-only", action="store_true", help="stop after building the thrifty forms (parallel runs)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--output", required=True, help="JSON (cases are merged into an existing file)")
     args = p.parse_args(argv)
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.log2_ablation:
         forms["thrifty-ptq-w8a8-log2"] = ("ptq", "w8a8")
     for name, (method, bits) in forms.items():
+        if os.path.exists(state_path):  # another process may have built forms in the same workdir
+            rows.update({k: v for k, v in read_json(state_path).items() if k not in rows})
         if name in rows:
             paths[name] = os.path.join(args.workdir, f"{name}.onnx")
             continue
@@ -224,8 +227,12 @@ def main(argv: list[str] | None = None) -> None:
         if name in args.sim_eval.split(","):  # the PyTorch simulation's accuracy (onnxruntime's is measured below)
             rows[name]["pytorch_accuracy"] = default_evaluate(m, task)["accuracy"]
         paths[name] = export_onnx(m, os.path.join(args.workdir, f"{name}.onnx"), example)
+        if os.path.exists(state_path):
+            rows.update({k: v for k, v in read_json(state_path).items() if k not in rows})
         write_json(state_path, rows)
         log(f"{name}: {rows[name]}")
+    if args.build_only:
+        return
     names = [i.name for i in __import__("onnxruntime").InferenceSession(paths["float"]).get_inputs()]
     paths.update(ort_quantizers(paths["float"], args.workdir, calib, names))
     for name, path in paths.items():
