@@ -59,9 +59,10 @@ class _Reader:
     """onnxruntime CalibrationDataReader over thrifty calibration batches."""
 
     def __init__(self, batches, names):
+        from thrifty.compress.calibration import batch_inputs
         from thrifty.compress.quant.onnx_export import ort_feed
 
-        self.feeds = iter([ort_feed(b, names) for b in batches])
+        self.feeds = iter([ort_feed(batch_inputs(b), names) for b in batches])
 
     def get_next(self):
         return next(self.feeds, None)
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     from thrifty.cli.compress import calibration_loader, default_evaluate, default_model
     from thrifty.compress import compress_, make_compressor_config
     from thrifty.compress.calibration import batch_inputs
-    from thrifty.compress.quant.onnx_export import evaluate_onnx, export_onnx, ort_feed
+    from thrifty.compress.quant.onnx_export import evaluate_onnx, export_onnx, finalize_onnx_, ort_feed
     from thrifty.data import load_data
     from thrifty.metrics import environment
 
@@ -235,6 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     names = [i.name for i in __import__("onnxruntime").InferenceSession(paths["float"]).get_inputs()]
     paths.update(ort_quantizers(paths["float"], args.workdir, calib, names))
+    for path in paths.values():  # every file without the torch exporter's per-node metadata (fair bytes)
+        finalize_onnx_(path, int4=False)
     for name, path in paths.items():
         row = rows.setdefault(name, {})
         row["onnx_accuracy"] = evaluate_onnx(path, test, 64, threads=2)["accuracy"]
