@@ -35,6 +35,7 @@ class QuantModule(nn.Module):
 
     quant_enabled: bool = True
     export_int: bool = False
+    skip_out_qdq: bool = False  # exporter: an 8-bit output whose only consumer re-quantizes it (integer attention)
 
 
 class _QuantWeightLayer(QuantModule):
@@ -177,7 +178,7 @@ class _QuantWeightLayer(QuantModule):
                 self.input_quantizer.observe(x)
             y = self._op(x, self.weight, self.bias)
         if self.output_quantizer is not None:
-            if quant:
+            if quant and not (self.export_int and self.skip_out_qdq):
                 y = self.output_quantizer(y)
             elif self.output_quantizer.mode == "observe":
                 self.output_quantizer.observe(y)

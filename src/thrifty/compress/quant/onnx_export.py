@@ -65,6 +65,7 @@ def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int = 32
         m.export_int = True
         if isinstance(m, SoftmaxQuant):
             m.pv_integer = m.integer_pv()
+    skipped = _skip_requantized_outputs(model) if int_kernels else []
     for m in nbits:
         blobs = pack_nbits(m.weight_codes, m.weight_scale, m.weight_zero_point, m.weight_symmetric, block_size)
         for name, t in zip(("nbits_packed", "nbits_scales", "nbits_zero_points"), blobs, strict=True):
@@ -77,6 +78,8 @@ def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int = 32
             m.export_half = False
         for m in quants:
             m.export_int = False
+        for m in skipped:
+            m.skip_out_qdq = False
         for m in nbits:
             for name in ("nbits_packed", "nbits_scales", "nbits_zero_points"):
                 delattr(m, name)
@@ -92,6 +95,26 @@ class _TextInputs(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
+
+
+def _skip_requantized_outputs(model: nn.Module) -> list[nn.Module]:
+    """8-bit q / k (/ v with integer P V) projection outputs of Hugging Face attention feed only `qmatmul`, whose
+    QuantizeLinear gives the same codes (8-bit saturation is the quantizer's clamp): their Q/DQ pair is dropped."""
+    skipped = []
+    for attn in model.modules():
+        sq = getattr(attn, "thrifty_softmax_quant", None)
+        if sq is None:
+            continue
+        names = ("query", "key", "value") if sq.pv_integer else ("query", "key")
+        layers = [getattr(attn, n, None) for n in names]
+        outs = [getattr(m, "output_quantizer", None) for m in layers]
+        if any(q is None or q.mode != "quant" or q.segments != 1 or q.bits != 8 for q in outs[:2]):
+            continue
+        for m, q in zip(layers, outs, strict=True):
+            if q is not None and q.mode == "quant" and q.segments == 1 and q.bits == 8:
+                m.skip_out_qdq = True
+                skipped.append(m)
+    return skipped
 
 
 def export_onnx(
