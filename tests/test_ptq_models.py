@@ -169,7 +169,7 @@ def test_cwac_targets_the_float_model(setup):
     """target="model" fits y_q to the float model's activations: the first quantized layer (float prefix, same
     input either way) gets the same (a, beta) as target="layer", and the logits move towards the float model's."""
     _, model, data = setup
-    base = PTQConfig(w_bits=4, a_bits=4, pack=False)
+    base = PTQConfig(w_bits=4, a_bits=4, pack=False, embedding_bits=None)  # float embeddings: a float prefix
     fits = {}
     for target in ("model", "layer"):
         q = copy.deepcopy(model)

@@ -34,8 +34,9 @@ def test_export_runs_in_onnxruntime_and_matches(name, make, config, tmp_path):
     graph = onnx.load(path).graph
     ops = {n.op_type for n in graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
-    int_weights = [i for i in graph.initializer if i.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)]
-    assert len(int_weights) >= 4  # weights are stored as integer codes
+    int_types = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4)
+    int_weights = [i for i in graph.initializer if i.data_type in int_types and len(i.dims) >= 2]
+    assert len(int_weights) >= 4  # weights are stored as integer codes (<= 4-bit conv weights as INT4)
     if isinstance(config, QwTConfig):
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)  # fp16 compensation
     sess = ort_session(path, threads=1)

@@ -48,7 +48,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="seed of the 1k split draw and the calibration sample")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--onnx", action="store_true", help="also export model.onnx and check it in onnxruntime")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export model.onnx (integer kernels in onnxruntime) and check it there; quantizers then default "
+        "to softmax_quantizer=uniform",
+    )
     p.add_argument("--eval", action="store_true", help="report test metrics of the float and compressed models")
     p.add_argument("--no-progress", action="store_true", help="no progress lines or bars on stderr")
 
@@ -151,6 +156,8 @@ def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typ
     log_progress(getattr(args, "no_progress", False))
     t0 = time.perf_counter()
     entry = get_compressor(method)
+    if args.onnx:  # compress for the engine: e.g. integer-kernel attention probabilities
+        options = {**{k: v for k, v in entry.onnx_options.items() if k not in options}, **options}
     config = make_compressor_config(method, options)
     if "calib_samples" in {f.name for f in dataclasses.fields(config)} and "calib_samples" not in options:
         config = dataclasses.replace(config, calib_samples=args.calib_samples)

@@ -16,7 +16,11 @@ def register(sub) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--adapter", help="directory with adapter_config.json + adapter_model.safetensors")
     src.add_argument("--quantized", help="directory written by `thrifty quantize` (PyTorch simulation)")
-    src.add_argument("--onnx", help="model.onnx written by `thrifty quantize --onnx` (run in onnxruntime)")
+    src.add_argument(
+        "--onnx",
+        help="an ONNX classifier run in onnxruntime: model.onnx of `thrifty quantize --onnx` (its backbone is read "
+        "from the quantize_config.json next to it) or any other export of the same model (give --backbone)",
+    )
     p.add_argument("--split", default="test", help="role or split name: test | val | train | train800 | ...")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the 1k split draw (use the training seed)")
@@ -73,9 +77,18 @@ def _onnx_backbone(args: argparse.Namespace):
     import os
 
     from thrifty.backbones import load_backbone
+    from thrifty.errors import ConfigError
     from thrifty.io import read_json
 
+    if not os.path.isfile(args.onnx):
+        raise ConfigError(f"--onnx {args.onnx}: no such file")
     if args.backbone:
         return load_backbone(args.backbone, pretrained=False, max_length=args.max_length, image_size=args.image_size)
-    meta = read_json(os.path.join(os.path.dirname(os.path.abspath(args.onnx)), "quantize_config.json"))["model"]
+    manifest = os.path.join(os.path.dirname(os.path.abspath(args.onnx)), "quantize_config.json")
+    if not os.path.isfile(manifest):
+        raise ConfigError(
+            f"--onnx {args.onnx}: no quantize_config.json next to it to name the backbone; give --backbone (and "
+            "--max-length / --image-size as the model was trained)"
+        )
+    meta = read_json(manifest)["model"]
     return load_backbone(meta["backbone"], pretrained=False, **meta.get("backbone_kwargs", {}))  # as save wrote it

@@ -26,7 +26,7 @@ def register(sub) -> argparse.ArgumentParser:
     add_config_args(p)
     add_backbone_args(p, required=False)  # default: the backbone --adapter was trained on
     add_data_args(p)
-    p.add_argument("--bits", default="w8a8", help="w{4,6,8}a{4,6,8}: weight and activation bits")
+    p.add_argument("--bits", default="w8a8", help="w{4,6,8}a{4,6,8,16}: weight and activation bits (a16: float)")
     p.add_argument("--method", default="ptq", choices=list(QUANTIZERS))
     add_run_args(p)
     return p

@@ -22,6 +22,8 @@ What a registration provides (`Compressor` fields):
   `config_cls(**options)`); `option_help` documents options that are not config fields;
 - `config_cls.cli_flags` (ClassVar tuple of option names): options `thrifty compress` exposes as their own flags;
 - optional `export_onnx(model, path, example_inputs) -> path` and `summarize(model) -> dict` (results.json);
+  `onnx_options`: option defaults for models compressed to be exported (`thrifty compress --onnx`), applied where
+  the user set no value;
 - optional CLI inputs where the default (the fine-tuned classifier of --adapter, a seeded sample of the training
   split, test accuracy) does not fit: `cli_model(backbone, task, adapter) -> model`,
   `cli_calibration(task, n, batch_size, seed) -> batches`, `cli_evaluate(model, task) -> dict`.
@@ -64,6 +66,7 @@ class Compressor:
     manifest: str = DEFAULT_MANIFEST
     config_key: str = "config"
     export_onnx: Callable[[nn.Module, str, Any], str] | None = None
+    onnx_options: Mapping[str, Any] = field(default_factory=dict)
     summarize: Callable[[nn.Module], dict[str, Any]] | None = None
     cli_model: Callable[..., nn.Module] | None = None
     cli_calibration: Callable[..., Iterable[Any]] | None = None
@@ -117,8 +120,8 @@ def register_compressor(
     """Register the compressor of `config_cls` under `config_cls.method`; returns the entry.
 
     Registering the same entry again is a no-op; another entry under a taken name raises ConfigError.
-    `extra` are the optional `Compressor` fields (option_help, manifest, config_key, export_onnx, summarize,
-    cli_model, cli_calibration, cli_evaluate).
+    `extra` are the optional `Compressor` fields (option_help, manifest, config_key, export_onnx, onnx_options,
+    summarize, cli_model, cli_calibration, cli_evaluate).
     """
     name = getattr(config_cls, "method", "")
     if not dataclasses.is_dataclass(config_cls) or not isinstance(config_cls, type):

@@ -47,16 +47,47 @@ def qkv_output_targets(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def _out_quantizer(module: nn.Module, name: str):
+    """The output quantizer of projection `name` when it quantizes per tensor (uint8 grid), else None."""
+    layer = getattr(module, name, None)
+    q = getattr(layer, "output_quantizer", None)
+    return q if q is not None and q.mode == "quant" and q.segments == 1 else None
+
+
+def _export_attention(module, query, key, value, attention_mask, scaling, quant):
+    """The exporter's form: Q K^T and P V as `qmatmul` (integer kernels) where both operands are quantized."""
+    from thrifty.compress.quant.int_ops import qmatmul
+
+    qq, qk, qv = (_out_quantizer(module, n) for n in ("query", "key", "value"))
+    k_t = key.transpose(2, 3)
+    if qq is not None and qk is not None:
+        scores = qmatmul(query, qq.scale[0], qq.zero_point[0], k_t, qk.scale[0], qk.zero_point[0])
+    else:
+        scores = torch.matmul(query, k_t)
+    scores = scores * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = quant(nn.functional.softmax(scores, dim=-1))
+    if quant.pv_integer and qv is not None:
+        pq = quant.quantizer
+        out = qmatmul(probs, pq.scale[0], pq.zero_point[0], value, qv.scale[0], qv.zero_point[0])
+    else:
+        out = torch.matmul(probs, value)
+    return out.transpose(1, 2).contiguous(), probs
+
+
 def _hf_quant_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention (as transformers' `eager_attention_forward`) with the layer's probability quantizer."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    quant = getattr(module, "thrifty_softmax_quant", None)
+    if quant is not None and quant.export_int and quant.quant_enabled and not module.training:
+        return _export_attention(module, query, key, value, attention_mask, scaling, quant)
     scores = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)  # in place: the same values, no new tensor
     if attention_mask is not None:
         scores.add_(attention_mask)
     probs = nn.functional.softmax(scores, dim=-1)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    quant = getattr(module, "thrifty_softmax_quant", None)
     if quant is not None:
         probs = quant(probs)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()

@@ -19,18 +19,22 @@ from thrifty.values import check
 
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+FLOAT_ACT_BITS = 16  # a_bits=16: activations stay float (weight-only quantization, e.g. W4A16)
 CLI_BITS = (4, 6, 8)
+SOFTMAX_QUANTIZERS = ("log2", "uniform")
 FORMAT_VERSION = 1
 
 
 def parse_bits(text: str, allowed: tuple[int, ...] = CLI_BITS) -> tuple[int, int]:
-    """'w4a8' -> (4, 8); each width must be in `allowed`."""
+    """'w4a8' -> (4, 8); each width must be in `allowed`; activations may also be 16 (float: weight-only)."""
     m = re.fullmatch(r"[wW](\d+)[aA](\d+)", text.strip())
     if not m:
         raise ConfigError(f"bit widths {text!r} must look like w4a8 (weights 4 bits, activations 8 bits)")
     w, a = int(m.group(1)), int(m.group(2))
-    if w not in allowed or a not in allowed:
-        raise ConfigError(f"bit widths {text!r}: weights and activations must each be one of {allowed}")
+    if w not in allowed or a not in (*allowed, FLOAT_ACT_BITS):
+        raise ConfigError(
+            f"bit widths {text!r}: weights must be one of {allowed}, activations one of {allowed} or 16 (float)"
+        )
     return w, a
 
 
@@ -67,7 +71,16 @@ class PTQConfig(_QuantConfig):
     edge_bits: int | None = field(default=8, metadata={"help": "bits of the first and last layers; None = same"})
     weight_symmetric: bool = field(default=True, metadata={"help": "symmetric int weights (zero point 0)"})
     qkv_quant: bool = field(default=True, metadata={"help": "quantize q, k, v (outputs of their projections)"})
-    softmax_quant: bool = field(default=True, metadata={"help": "log2-quantize post-softmax attention"})
+    softmax_quant: bool = field(default=True, metadata={"help": "quantize post-softmax attention"})
+    softmax_quantizer: str = field(
+        default="log2",
+        metadata={
+            "help": "log2 (RepQ-ViT) | uniform (uint8, zero point 0: runs P x V on integer kernels in onnxruntime)"
+        },
+    )
+    embedding_bits: int | None = field(
+        default=8, metadata={"help": "nn.Embedding tables: per-row symmetric int codes; None = float"}
+    )
     percentiles: tuple[float, ...] = field(default=(0.999, 0.9999, 0.99999), metadata={"help": "range search"})
     lp_norm: float = field(default=2.0, metadata={"help": "p of the L_p error the range search minimises"})
     observer_samples: int = field(default=2**17, metadata={"help": "values kept per activation quantizer"})
@@ -77,9 +90,19 @@ class PTQConfig(_QuantConfig):
 
     def __post_init__(self) -> None:
         self.step = check_step(self.step)
-        for name in ("w_bits", "a_bits"):
-            v = getattr(self, name)
-            check(v in SUPPORTED_BITS, f"`{name}` must be one of {SUPPORTED_BITS}, got {v!r}")
+        check(self.w_bits in SUPPORTED_BITS, f"`w_bits` must be one of {SUPPORTED_BITS}, got {self.w_bits!r}")
+        check(
+            self.a_bits in (*SUPPORTED_BITS, FLOAT_ACT_BITS),
+            f"`a_bits` must be one of {SUPPORTED_BITS} or 16 (float activations), got {self.a_bits!r}",
+        )
+        check(
+            self.softmax_quantizer in SOFTMAX_QUANTIZERS,
+            f"`softmax_quantizer` must be one of {SOFTMAX_QUANTIZERS}, got {self.softmax_quantizer!r}",
+        )
+        check(
+            self.embedding_bits is None or self.embedding_bits in SUPPORTED_BITS,
+            f"`embedding_bits` must be None or one of {SUPPORTED_BITS}, got {self.embedding_bits!r}",
+        )
         check(
             self.edge_bits is None or self.edge_bits in SUPPORTED_BITS,
             f"`edge_bits` must be None or one of {SUPPORTED_BITS}, got {self.edge_bits!r}",

@@ -30,9 +30,12 @@ from thrifty.compress.quant.quantizers import (
 
 
 class QuantModule(nn.Module):
-    """Mixin: a module whose quantization can be switched off (`quant_enabled=False` runs it in float)."""
+    """Mixin: a module whose quantization can be switched off (`quant_enabled=False` runs it in float).
+    `export_int` (set by the ONNX exporter only) routes the forward through the deployment ops of `int_ops`."""
 
     quant_enabled: bool = True
+    export_int: bool = False
+    skip_out_qdq: bool = False  # exporter: an 8-bit output whose only consumer re-quantizes it (integer attention)
 
 
 class _QuantWeightLayer(QuantModule):
@@ -91,11 +94,9 @@ class _QuantWeightLayer(QuantModule):
         c = self.weight.shape[0]
         self.weight_codes = torch.zeros(self.weight.shape, dtype=dtype)
         self.weight_scale, self.weight_zero_point = torch.ones(c), torch.zeros(c, dtype=dtype)
-        self.input_quantizer.set_bits(spec["a_bits"])
-        self.input_quantizer.mode = "quant"
+        self.input_quantizer.loaded_(spec["a_bits"])
         if self.output_quantizer is not None:
-            self.output_quantizer.set_bits(spec["out_bits"])
-            self.output_quantizer.mode = "quant"
+            self.output_quantizer.loaded_(spec["out_bits"])
 
     def pack_(self) -> None:
         """Drop the float weight: only codes, scales and bias remain (the deployable form)."""
@@ -138,9 +139,32 @@ class _QuantWeightLayer(QuantModule):
     def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _int_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The deployment op (exporter only), or None where the QDQ form is exported instead."""
+        return None
+
+    def _int_args(self, x: torch.Tensor) -> tuple:
+        iq = self.input_quantizer
+        zp = self.weight_zero_point
+        return (
+            x,
+            iq.scale[0],
+            iq.zero_point[0],
+            iq.bounds[0, 0],
+            iq.bounds[1, 0],
+            self.weight_codes,
+            self.weight_scale,
+            zp,
+            self.bias,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quant = self.quant_enabled and self.converted
-        if quant:
+        y = self._int_forward(x) if quant and self.export_int else None
+        if y is not None:
+            if self.cwac_a is not None:
+                y = y * self._channel_view(self.cwac_a) + self._channel_view(self.cwac_beta)
+        elif quant:
             y = self._op(self.input_quantizer(x), self.weight_dequantized(), self.bias)
             if self.cwac_a is not None:
                 y = y * self._channel_view(self.cwac_a) + self._channel_view(self.cwac_beta)
@@ -154,7 +178,7 @@ class _QuantWeightLayer(QuantModule):
                 self.input_quantizer.observe(x)
             y = self._op(x, self.weight, self.bias)
         if self.output_quantizer is not None:
-            if quant:
+            if quant and not (self.export_int and self.skip_out_qdq):
                 y = self.output_quantizer(y)
             elif self.output_quantizer.mode == "observe":
                 self.output_quantizer.observe(y)
@@ -172,6 +196,28 @@ class QuantLinear(_QuantWeightLayer):
 
     def _op(self, x, w, b):
         return F.linear(x, w, b)
+
+    def _int_forward(self, x):
+        from thrifty.compress.quant.int_ops import matmul_nbits, qlinear
+
+        iq = self.input_quantizer
+        nbits = getattr(self, "nbits_packed", None)
+        if nbits is not None:  # 4-bit weights: MatMulNBits (float input, QDQ-quantized unless weight-only)
+            block, level = self.nbits_config
+            return matmul_nbits(
+                iq(x),
+                nbits,
+                self.nbits_scales,
+                self.nbits_zero_points,
+                self.bias,
+                self.in_features,
+                self.out_features,
+                block,
+                level,
+            )
+        if iq.mode != "quant" or iq.segments != 1:
+            return None
+        return qlinear(*self._int_args(x), iq.bits < 8)
 
     def _channel_view(self, v):
         return v
@@ -192,6 +238,21 @@ class QuantConv2d(_QuantWeightLayer):
 
     def _op(self, x, w, b):
         return F.conv2d(self.pad(x), w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def _int_forward(self, x):
+        from thrifty.compress.quant.int_ops import qconv
+
+        iq = self.input_quantizer
+        if iq.mode != "quant" or self.w_bits <= 4 or not self.weight_symmetric or isinstance(self.padding, str):
+            return None  # 4-bit conv: DequantizeLinear(int4) + Conv; asymmetric or "same" padding: QDQ
+        return qconv(  # the zero padding of self.pad quantizes to the zero point, as ConvInteger's own padding
+            *self._int_args(self.pad(x)),
+            list(self.stride),
+            list(self.padding),
+            list(self.dilation),
+            self.groups,
+            iq.bits < 8,
+        )
 
     def _channel_view(self, v):
         return v.view(1, -1, 1, 1)
@@ -216,6 +277,13 @@ class SoftmaxQuant(QuantModule):
 
     def spec(self) -> dict[str, Any]:
         return {"kind": "softmax", "a_bits": self.quantizer.bits, "log2": self.log2}
+
+    pv_integer: bool = False  # set by the exporter from `integer_pv()` (no data-dependent check while tracing)
+
+    def integer_pv(self) -> bool:
+        """Uniform uint8 probabilities with zero point 0 in quant mode: P x V can run on integer kernels."""
+        q = self.quantizer
+        return not self.log2 and q.mode == "quant" and int(q.zero_point[0]) == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.inner(x)

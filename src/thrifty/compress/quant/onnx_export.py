@@ -1,15 +1,21 @@
-"""ONNX export of a converted model as a QDQ graph that runs in onnxruntime.
+"""ONNX export of a converted model: the deployment graph onnxruntime runs on integer kernels (`int_kernels=True`,
+the default) or the plain QDQ graph (`int_kernels=False`).
 
-- weights: int8/uint8 code initializers + `DequantizeLinear` per output channel (axis 0); a folded CWAC is just
-  different scales and biases in these nodes, so QwT-v2's graph is the plain PTQ graph with other numbers;
-- activations: `QuantizeLinear` -> `DequantizeLinear` (uint8; per segment for q | k | v). Widths below 8 bits
-  add a `Clip` to the b-bit range first: exact b-bit fake quantization inside int8 containers, since engines
-  have no int4/int6 activation kernels;
-- post-softmax log2 quantization: Log / Round / Clip / Pow / Where (no QDQ form exists);
-- QwT's branch: a float16 MatMul (or grouped Conv) on fp16 weights, cast back to float32.
-
-onnxruntime's CPU provider executes QDQ pairs as they are unless a QDQ -> integer-kernel fusion applies (it
-needs quantized outputs too), so CPU latencies compare graphs, not int8 kernels.
+Deployment graph (thrifty.compress.quant.int_ops; each op's eager forward is the PyTorch simulation):
+- Linear with >= 5-bit weights: `QuantizeLinear` (uint8 activation, zero point) + `MatMulIntegerToFloat` on the
+  int8 weight codes (u8s8, per-output-channel weight scales, bias): a folded CWAC is just other scales and biases;
+- Conv2d: `QuantizeLinear` + `ConvInteger` + `Cast` + `Mul` (s_x s_w per channel) + `Add` (bias);
+- attention (Hugging Face encoders): Q K^T from the quantized q and k, and P V from uniform uint8 probabilities
+  (`softmax_quantizer="uniform"`) and the quantized v, as `MatMulIntegerToFloat` on uint8 x uint8;
+- embeddings: `Gather` on the int8 table and on the row scales, `Cast`, `Mul`;
+- Linear with <= 4-bit weights: `com.microsoft.MatMulNBits` (block-wise uint4 codes with zero point 8, every block
+  of a row carries the row's folded scale), its input `QuantizeLinear` -> `DequantizeLinear` unless weight-only
+  (a_bits=16); `accuracy_level=0` computes in float on the dequantized weights: exactly the simulation;
+- <= 4-bit Conv2d weights are stored as ONNX INT4 initializers for `DequantizeLinear` (no int4 conv kernel).
+What has no integer form stays QDQ / float: the log2 softmax quantizer (Log / Round / Clip / Pow / Where), the
+q | k | v segments of a fused timm qkv (timm's attention matmuls are its own code), QwT's float16 branch,
+LayerNorm, GELU, softmax. Widths below 8 bits add a `Clip` to the b-bit range before `QuantizeLinear`: exact
+b-bit quantization inside 8-bit containers.
 """
 
 from __future__ import annotations
@@ -44,16 +50,40 @@ def _fake_quant_onnx(x, scale, zero_point, lo, hi, axis: int):
 
 
 @contextmanager
-def export_mode(model: nn.Module):
-    """Compensation branches emit real float16 ops while exporting."""
+def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int = 32, accuracy_level: int = 0):
+    """Compensation branches emit real float16 ops while exporting; with `int_kernels` the quantized modules emit
+    the deployment ops and <= 4-bit linear layers carry their MatMulNBits blobs (temporary buffers)."""
+    from thrifty.compress.quant.int_ops import pack_nbits
+    from thrifty.compress.quant.layers import QuantLinear, QuantModule, SoftmaxQuant
+
     comps = [m for m in model.modules() if hasattr(m, "export_half")]
+    quants = [m for m in model.modules() if isinstance(m, QuantModule)] if int_kernels else []
+    nbits = [m for m in quants if isinstance(m, QuantLinear) and m.converted and m.w_bits <= 4]
     for m in comps:
         m.export_half = True
+    for m in quants:
+        m.export_int = True
+        if isinstance(m, SoftmaxQuant):
+            m.pv_integer = m.integer_pv()
+    skipped = _skip_requantized_outputs(model) if int_kernels else []
+    for m in nbits:
+        blobs = pack_nbits(m.weight_codes, m.weight_scale, m.weight_zero_point, m.weight_symmetric, block_size)
+        for name, t in zip(("nbits_packed", "nbits_scales", "nbits_zero_points"), blobs, strict=True):
+            m.register_buffer(name, t, persistent=False)
+        m.nbits_config = (block_size, accuracy_level)
     try:
         yield model
     finally:
         for m in comps:
             m.export_half = False
+        for m in quants:
+            m.export_int = False
+        for m in skipped:
+            m.skip_out_qdq = False
+        for m in nbits:
+            for name in ("nbits_packed", "nbits_scales", "nbits_zero_points"):
+                delattr(m, name)
+            del m.nbits_config
 
 
 class _TextInputs(nn.Module):
@@ -67,8 +97,40 @@ class _TextInputs(nn.Module):
         return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
 
 
-def export_onnx(model: nn.Module, path: str, example_inputs: Any, opset: int = 21, optimize: bool = False) -> str:
-    """Export `model` (a converted, packed quantized model) with a dynamic batch axis; returns `path`."""
+def _skip_requantized_outputs(model: nn.Module) -> list[nn.Module]:
+    """8-bit q / k (/ v with integer P V) projection outputs of Hugging Face attention feed only `qmatmul`, whose
+    QuantizeLinear gives the same codes (8-bit saturation is the quantizer's clamp): their Q/DQ pair is dropped."""
+    skipped = []
+    for attn in model.modules():
+        sq = getattr(attn, "thrifty_softmax_quant", None)
+        if sq is None:
+            continue
+        names = ("query", "key", "value") if sq.pv_integer else ("query", "key")
+        layers = [getattr(attn, n, None) for n in names]
+        outs = [getattr(m, "output_quantizer", None) for m in layers]
+        if any(q is None or q.mode != "quant" or q.segments != 1 or q.bits != 8 for q in outs[:2]):
+            continue
+        for m, q in zip(layers, outs, strict=True):
+            if q is not None and q.mode == "quant" and q.segments == 1 and q.bits == 8:
+                m.skip_out_qdq = True
+                skipped.append(m)
+    return skipped
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str,
+    example_inputs: Any,
+    opset: int = 21,
+    optimize: bool = False,
+    int_kernels: bool = True,
+    block_size: int = 32,
+    accuracy_level: int = 0,
+) -> str:
+    """Export `model` (a converted, packed quantized model) with a dynamic batch axis; returns `path`.
+    `int_kernels`: the deployment graph (else plain QDQ); `block_size`, `accuracy_level`: MatMulNBits'."""
+    from thrifty.compress.quant.int_ops import translation_table
+
     model = model.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     if isinstance(example_inputs, dict):
@@ -82,8 +144,10 @@ def export_onnx(model: nn.Module, path: str, example_inputs: Any, opset: int = 2
     table = {
         torch.ops.thrifty.dequantize_per_channel.default: _dequantize_onnx,
         torch.ops.thrifty.fake_quant_uint8.default: _fake_quant_onnx,
+        **translation_table(),
     }
-    with export_mode(model), torch.no_grad(), warnings.catch_warnings():
+    mode = export_mode(model, int_kernels, block_size, accuracy_level)
+    with mode, torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         torch.onnx.export(
             module,
@@ -99,7 +163,47 @@ def export_onnx(model: nn.Module, path: str, example_inputs: Any, opset: int = 2
             optimize=optimize,
             verbose=False,
         )
+    finalize_onnx_(path, int4=int_kernels)
     return path
+
+
+def finalize_onnx_(path: str, int4: bool = True) -> None:
+    """Drop the exporter's per-node metadata (stack traces, name scopes: ~3 KB a node, 2.2 MB on MiniLM) and, with
+    `int4`, store <= 4-bit DequantizeLinear weights as INT4 (`int4_initializers_`); rewrites `path` atomically."""
+    import onnx
+
+    model = onnx.load(path)
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    if int4:
+        int4_initializers_(model)
+    tmp = f"{path}.tmp"
+    onnx.save(model, tmp)
+    os.replace(tmp, path)
+
+
+def int4_initializers_(model) -> int:
+    """Store int8 `DequantizeLinear` inputs whose codes (and zero points) all fit [-8, 7] as ONNX INT4 (lossless:
+    the <= 4-bit conv weights, half the bytes), in place in the ModelProto; returns how many were converted."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or len(node.input) < 3:
+            continue
+        codes, zp = inits.get(node.input[0]), inits.get(node.input[2])
+        if codes is None or zp is None or codes.data_type != onnx.TensorProto.INT8 or codes.data_type != zp.data_type:
+            continue
+        arrays = [numpy_helper.to_array(t) for t in (codes, zp)]
+        if any(a.size and (a.min() < -8 or a.max() > 7) for a in arrays) or arrays[0].size < 64:
+            continue
+        for t, a in zip((codes, zp), arrays, strict=True):
+            t.CopyFrom(onnx.helper.make_tensor(t.name, onnx.TensorProto.INT4, a.shape, a.reshape(-1).tolist()))
+        done += 1
+    return done
 
 
 def ort_session(path: str, threads: int | None = None):
@@ -113,23 +217,30 @@ def ort_session(path: str, threads: int | None = None):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def ort_feed(inputs: Any, names: Any = ("input_ids", "attention_mask")) -> dict[str, np.ndarray]:
-    """onnxruntime inputs: the dict entries the graph reads (`names`; int64), or one float tensor `x`."""
+def ort_feed(inputs: Any, names: Any = None) -> dict[str, np.ndarray]:
+    """onnxruntime inputs: the dict entries the graph reads by name (text: input_ids, attention_mask, and
+    token_type_ids where the graph has it; CTR tables: one int64 input per field), or an image batch under the
+    graph's single input name (default "x")."""
     if isinstance(inputs, dict):
-        return {k: v.cpu().numpy().astype(np.int64) for k, v in inputs.items() if k in names}
-    return {"x": inputs.cpu().numpy().astype(np.float32)}
+        wanted = list(names) if names else ["input_ids", "attention_mask"]
+        feed = {k: v.cpu().numpy().astype(np.int64) for k, v in inputs.items() if k in wanted}
+        if "token_type_ids" in wanted and "token_type_ids" not in feed and "input_ids" in feed:
+            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        return feed
+    return {(next(iter(names)) if names else "x"): inputs.cpu().numpy().astype(np.float32)}
 
 
 def ort_logits(session, inputs: Any) -> torch.Tensor:
-    names = {i.name for i in session.get_inputs()}
-    return torch.from_numpy(session.run(["logits"], ort_feed(inputs, names))[0])
+    """The first output (logits) for a thrifty batch."""
+    return torch.from_numpy(session.run(None, ort_feed(inputs, [i.name for i in session.get_inputs()]))[0])
 
 
 def evaluate_onnx(
     path: str, dataset, batch_size: int = 64, threads: int | None = None, objective: str | None = None
 ) -> dict[str, float]:
-    """Top-1 accuracy of an exported model on a thrifty dataset; with another `objective` (e.g. "binary": AUC,
-    log loss) its meters instead."""
+    """Top-1 accuracy of an ONNX classifier (any exporter: thrifty's, onnxruntime's quantizers, a float export) on a
+    thrifty dataset; inputs are matched by name, the first output is the logits. With another `objective` (e.g.
+    "binary": AUC, log loss) its meters instead."""
     from torch.utils.data import DataLoader
 
     sess = ort_session(path, threads)

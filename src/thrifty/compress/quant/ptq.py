@@ -22,6 +22,7 @@ from torch import nn
 from thrifty.compress.progress import progress_bar, stage
 from thrifty.compress.quant.attention import attach_softmax_quant, qkv_output_targets
 from thrifty.compress.quant.config import PTQConfig
+from thrifty.compress.quant.embedding import QuantEmbedding
 from thrifty.compress.quant.layers import (
     QuantConv2d,
     QuantLinear,
@@ -103,15 +104,27 @@ def prepare_ptq_(model: nn.Module, config: PTQConfig, filter_fn: FilterFn | None
             q.register_forward_hook(_tag_output_hook)
         originals[name] = orig
         set_submodule(model, name, q)
-    softmax = attach_softmax_quant(model, True, config.observer_samples) if config.softmax_quant else []
+    embeddings = _swap_embeddings_(model) if config.embedding_bits is not None else []
+    log2 = config.softmax_quantizer == "log2"
+    softmax = attach_softmax_quant(model, log2, config.observer_samples) if config.softmax_quant else []
     for name in softmax:
         model.get_submodule(name).quantizer.mode = "observe"
     if config.fold_bn:
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.register_forward_pre_hook(_bn_input_hook)
-    _set_state(model, {"status": "prepared", "originals": originals, "softmax": softmax})
+    _set_state(model, {"status": "prepared", "originals": originals, "softmax": softmax, "embeddings": embeddings})
     return targets
+
+
+def _swap_embeddings_(model: nn.Module) -> list[str]:
+    """Every plain nn.Embedding -> QuantEmbedding (quantized at convert; tables need no calibration data)."""
+    names = [
+        n for n, m in model.named_modules() if n and type(m) is nn.Embedding and m.max_norm is None and not m.sparse
+    ]
+    for name in names:
+        set_submodule(model, name, QuantEmbedding(model.get_submodule(name)))
+    return names
 
 
 # --- convert -------------------------------------------------------------------------------------------------------
@@ -190,8 +203,14 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
         else:  # attention that never ran: stays float
             sq.quantizer.mode = "off"
         sq.quantizer.drop_observations()
+    embeddings = {}
+    for name in state.get("embeddings", []):
+        emb: QuantEmbedding = model.get_submodule(name)
+        emb.quantize_weight_(config.embedding_bits, config.percentiles, config.lp_norm)
+        embeddings[name] = emb.spec()
     spec = {
         "layers": {n: layers[n].spec() for n in order},
+        "embeddings": embeddings,
         "softmax": softmax,
         "folded_bn": folded,
         "reverted": reverted,
@@ -206,7 +225,7 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
 def pack_(model: nn.Module) -> None:
     """Drop the float weights of every quantized layer (codes, scales and biases remain)."""
     for m in model.modules():
-        if isinstance(m, _QuantWeightLayer) and not m.packed:
+        if (isinstance(m, _QuantWeightLayer) and not m.packed) or isinstance(m, QuantEmbedding):
             m.pack_()
 
 
@@ -224,10 +243,14 @@ def prepare_ptq_for_loading_(model: nn.Module, spec: dict[str, Any], config: PTQ
         q.empty_like_converted_(s)
         q.pack_()
         set_submodule(model, name, q)
+    for name, s in spec.get("embeddings", {}).items():
+        q = QuantEmbedding(model.get_submodule(name))
+        q.empty_like_converted_(s)
+        q.pack_()
+        set_submodule(model, name, q)
     if spec["softmax"]:
-        attach_softmax_quant(model, True)
+        attach_softmax_quant(model, all(s.get("log2", True) for s in spec["softmax"].values()))
         for name, s in spec["softmax"].items():
             sq: SoftmaxQuant = model.get_submodule(name)
-            sq.quantizer.set_bits(s["a_bits"])
-            sq.quantizer.mode = "quant"
+            sq.quantizer.loaded_(s["a_bits"])
     _set_state(model, {"status": "converted", "spec": spec, "config": config.to_dict()})

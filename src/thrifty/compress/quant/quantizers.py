@@ -244,15 +244,28 @@ class ActQuantizer(nn.Module):
         return self._reservoir is not None and self._reservoir.seen > 0
 
     def calibrate(self, bits: int, percentiles: Sequence[float] = DEFAULT_PERCENTILES, p: float = 2.0) -> None:
-        """Set the range from the observed values (RepQ-ViT's percentile search)."""
+        """Set the range from the observed values (RepQ-ViT's percentile search); 16 bits: stay float (off)."""
         if not self.observed:
             raise RuntimeError("activation quantizer saw no data; run calibration batches between prepare and convert")
         self.set_bits(bits)
+        if self.float_bits:
+            self.mode = "off"
+            return
         scale, zp = search_asymmetric(self._reservoir.values, bits, percentiles, p)
         self.set_qparams(scale, zp)
 
     def set_bits(self, bits: int) -> None:
         self.bits = int(bits)
+
+    @property
+    def float_bits(self) -> bool:
+        """16 bits = activations stay float (weight-only quantization)."""
+        return self.bits >= 16
+
+    def loaded_(self, bits: int) -> None:
+        """State of a converted quantizer whose values come from a state dict."""
+        self.set_bits(bits)
+        self.mode = "off" if self.float_bits else "quant"
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         qmin, qmax = act_range(self.bits)
@@ -309,6 +322,9 @@ class Log2Quantizer(ActQuantizer):
         if not self.observed:
             raise RuntimeError("log2 quantizer saw no data; run calibration batches between prepare and convert")
         self.set_bits(bits)
+        if self.float_bits:
+            self.mode = "off"
+            return
         values = self._reservoir.values.reshape(1, -1)
         best, best_err = None, float("inf")
         for delta in quantiles(values, (*percentiles, 1.0))[:, 0]:

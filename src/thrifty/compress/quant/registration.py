@@ -22,7 +22,7 @@ from thrifty.compress.registry import register_compressor
 
 _NOT_OPTIONS = ("step", "base_config", "w_bits", "a_bits", "version")
 _WIDTHS = ",".join(map(str, CLI_BITS))
-BITS_HELP = f"weight and activation bits, w{{{_WIDTHS}}}a{{{_WIDTHS}}} (default w8a8)"
+BITS_HELP = f"weight and activation bits, w{{{_WIDTHS}}}a{{{_WIDTHS},16}} (a16: float activations; default w8a8)"
 
 
 def quant_option_types(config_cls: type) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def summarize(model: nn.Module) -> dict[str, Any]:
 
 
 def export_onnx(model: nn.Module, path: str, example_inputs: Any) -> str:
-    """QDQ ONNX graph (thrifty.compress.quant.onnx_export)."""
+    """The deployment ONNX graph on integer kernels (thrifty.compress.quant.onnx_export)."""
     from thrifty.compress.quant import onnx_export
 
     return onnx_export.export_onnx(model, path, example_inputs)
@@ -70,5 +70,6 @@ for _cls, _apply in ((PTQConfig, apply_ptq_), (QwTConfig, apply_qwt_), (QwTV2Con
         manifest=CONFIG_NAME,
         config_key="quant_config",
         export_onnx=export_onnx,
+        onnx_options={"softmax_quantizer": "uniform"},  # P x V on integer kernels (log2 has no integer form)
         summarize=summarize,
     )
