@@ -120,7 +120,10 @@ def model_and_data(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, A
 
 
 def prepared_model(model, task, seed: int, calib: int, fp_attn: bool, args) -> tuple[Any, list[Any], PTQConfig]:
-    base = PTQConfig(observer_samples=args.observer_samples, qkv_quant=not fp_attn, softmax_quant=not fp_attn)
+    # embedding tables float, as when the published ablation ran (PTQConfig now defaults to int8 tables)
+    base = PTQConfig(
+        observer_samples=args.observer_samples, qkv_quant=not fp_attn, softmax_quant=not fp_attn, embedding_bits=None
+    )
     prepared = copy.deepcopy(model)
     quantize_(prepared, QwTConfig(base_config=base, calib_samples=calib))
     gen = torch.Generator().manual_seed(seed)
