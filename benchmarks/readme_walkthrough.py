@@ -28,7 +28,8 @@ def cli_block(text: str) -> str:
 def shell_lines(block: str) -> list[str]:
     """One shell command per line: continuation lines joined, comment-only and blank lines dropped."""
     joined = re.sub(r"\\\n\s*", " ", block)
-    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+    lines = [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [re.sub(r"\s+#\s.*$", "", line) for line in lines]  # a trailing comment (e.g. after `&`) is not run
 
 
 def main(argv: list[str] | None = None) -> int:
