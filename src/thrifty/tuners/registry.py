@@ -39,3 +39,29 @@ def get_tuned_model(backbone, config, num_classes: int | None = None, *, objecti
     obj.check_task(num_classes)
     head = obj.build_head(backbone, obj.num_outputs(num_classes))
     return model_cls(backbone, config, head, objective=obj.name)
+
+
+def model_record(model) -> dict[str, Any]:
+    """What rebuilds `model` around a backbone (a compressed file's manifest keeps it): a TunedModel's method config,
+    classes and objective, or a bare backbone."""
+    from thrifty.tuners.base import TunedModel
+
+    tuned = isinstance(model, TunedModel)
+    return {
+        "type": "tuned" if tuned else "backbone",
+        "tuner": model.config.to_dict() if tuned else None,
+        "num_classes": getattr(model, "num_classes", None),
+        "objective": getattr(model, "objective", None),
+    }
+
+
+def model_from_record(backbone, record: dict[str, Any]):
+    """The (untrained) model `model_record` describes, around `backbone`; KeyError / ValueError on a bad record."""
+    if record["type"] != "tuned":
+        return backbone
+    tuner = dict(record["tuner"])
+    config_cls, _ = get_method(tuner["method"])
+    keep = {k: v for k, v in tuner.items() if k not in ("method", "thrifty_version", "format_version")}
+    return get_tuned_model(
+        backbone, config_cls.from_dict(keep), record["num_classes"], objective=record.get("objective")
+    )

@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 
 def save_afm(model: nn.Module, directory: str, *, backbone: BackboneSpec | None = None, extra: dict | None = None):
     """Write a converted model (a TunedModel or a Backbone); records the architecture, not the original weights."""
-    from thrifty.tuners.base import TunedModel
+    from thrifty.tuners.registry import model_record
     from thrifty.version import __version__
 
     record = getattr(model, "thrifty_compress", None)
@@ -36,7 +36,6 @@ def save_afm(model: nn.Module, directory: str, *, backbone: BackboneSpec | None 
     if bb is None:
         raise CheckpointError("save_afm saves thrifty models (a TunedModel or a Backbone), not other modules")
     spec = backbone or bb.spec or BackboneSpec(bb.name)
-    tuned = isinstance(model, TunedModel)
     info = {
         "format_version": FORMAT_VERSION,
         "thrifty_version": __version__,
@@ -44,12 +43,9 @@ def save_afm(model: nn.Module, directory: str, *, backbone: BackboneSpec | None 
         "structure": record["structure"],
         "summary": record["summary"],
         "model": {
-            "type": "tuned" if tuned else "backbone",
+            **model_record(model),
             "backbone": spec.replace(random_init=True, checkpoint=None, token_file=None).to_dict(),
             "schema": bb.data_schema(),
-            "tuner": model.config.to_dict() if tuned else None,
-            "num_classes": getattr(model, "num_classes", None),
-            "objective": getattr(model, "objective", None),
         },
         "extra": extra or {},
     }
@@ -61,7 +57,7 @@ def save_afm(model: nn.Module, directory: str, *, backbone: BackboneSpec | None 
 
 def load_afm(directory: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the architecture, the factorized structure, then load the saved tensors (strict)."""
-    from thrifty.tuners.registry import get_method, get_tuned_model
+    from thrifty.tuners.registry import model_from_record
 
     info = read_json(os.path.join(directory, MANIFEST))
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
@@ -76,13 +72,7 @@ def load_afm(directory: str, device: str | torch.device = "cpu") -> tuple[nn.Mod
         raise CheckpointError(f"{directory}: {MANIFEST} is not an afm model's manifest ({exc})") from exc
     if meta.get("schema"):
         bb.build_from_schema_(meta["schema"])
-    if meta["type"] == "tuned":
-        tuner = dict(meta["tuner"])
-        config_cls, _ = get_method(tuner["method"])
-        keep = {k: v for k, v in tuner.items() if k not in ("method", "thrifty_version", "format_version")}
-        model = get_tuned_model(bb, config_cls.from_dict(keep), meta["num_classes"], objective=meta.get("objective"))
-    else:
-        model = bb
+    model = model_from_record(bb, meta)
     try:
         apply_afm_(model, config, spec=structure)
     except ConfigError as exc:

@@ -60,6 +60,7 @@ def save_quantized(
     """Write a converted (packed) model; `model` is a TunedModel or a Backbone. The folder records the backbone's
     architecture (`backbone`, default: the spec the model's backbone was loaded with), not its weights."""
     from thrifty.tuners.base import TunedModel
+    from thrifty.tuners.registry import model_record
     from thrifty.version import __version__
 
     state = quant_state_of(model)
@@ -79,14 +80,11 @@ def save_quantized(
         "quant_config": state["config"],
         "spec": state["spec"],
         "model": {
-            "type": "tuned" if isinstance(model, TunedModel) else "backbone",
+            **model_record(model),
             "backbone": spec.name,
             "backbone_kwargs": {
                 k: v for k, v in (("image_size", spec.image_size), ("max_length", spec.max_length)) if v
             },
-            "tuner": model.config.to_dict() if isinstance(model, TunedModel) else None,
-            "num_classes": getattr(model, "num_classes", None),
-            "objective": getattr(model, "objective", None),
         },
         "size": size_report(model),
         "extra": extra or {},
@@ -98,7 +96,7 @@ def save_quantized(
 
 def load_quantized(directory: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the float architecture, the quantized structure, then load the saved tensors (strict)."""
-    from thrifty.tuners.registry import get_method, get_tuned_model
+    from thrifty.tuners.registry import model_from_record
 
     info = read_json(os.path.join(directory, CONFIG_NAME))
     version = info.get("format_version") if isinstance(info, dict) else None
@@ -111,13 +109,7 @@ def load_quantized(directory: str, device: str | torch.device = "cpu") -> tuple[
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory}: {CONFIG_NAME} is not a quantized model's config ({exc})") from exc
     bb = load_backbone(backbone, pretrained=False, **backbone_kwargs)
-    if meta["type"] == "tuned":
-        tuner = dict(meta["tuner"])
-        config_cls, _ = get_method(tuner["method"])
-        keep = {k: v for k, v in tuner.items() if k not in ("method", "thrifty_version", "format_version")}
-        model = get_tuned_model(bb, config_cls.from_dict(keep), meta["num_classes"], objective=meta.get("objective"))
-    else:
-        model = bb
+    model = model_from_record(bb, meta)
     try:
         quantize_(model, config, spec=spec)
     except (KeyError, TypeError, ValueError) as exc:
