@@ -179,7 +179,7 @@ def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typ
     seconds["load"] = info["seconds"]
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     evaluate = entry.cli_evaluate or default_evaluate
-    results: dict[str, typing.Any] = {"backbone": args.backbone, "data": task.name, "method": method}
+    results: dict[str, typing.Any] = {"backbone": spec.name, "data": task.name, "method": method}
     results.update(options=options, calib_samples=args.calib_samples, adapter=args.adapter)
     if args.eval:
         with stage("evaluating the float model") as info:
