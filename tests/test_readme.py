@@ -4,7 +4,11 @@ names is registered. (The by-hand walk-through that runs them is benchmarks/read
 
 from __future__ import annotations
 
+import ast
+import json
+import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,3 +96,51 @@ def test_the_checker_catches_a_missing_input():
     assert not produced(args.adapter, ["runs/lora-reviews"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--no-such-flag"])
+
+
+def python_block(text: str) -> str:
+    """The first ```python block after the '## Python API' heading of README.md."""
+    return re.search(r"```python\n(.*?)```", text.split("## Python API", 1)[1], re.S).group(1)
+
+
+def thrifty_calls(source: str) -> list[tuple[str, list[str]]]:
+    """Every dotted name rooted at `thrifty` in `source` (e.g. 'thrifty.train.run_training'), with the keyword
+    names it is called with (empty when it is not called)."""
+    tree = ast.parse(source)
+    calls = {id(n.func): [k.arg for k in n.keywords if k.arg] for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    out = []
+    for node in ast.walk(tree):
+        parts, cur = [], node
+        while isinstance(cur, ast.Attribute):
+            parts.append(cur.attr)
+            cur = cur.value
+        if parts and isinstance(cur, ast.Name) and cur.id == "thrifty" and isinstance(node, ast.Attribute):
+            out.append((".".join(["thrifty", *reversed(parts)]), calls.get(id(node), [])))
+    return [(name, kw) for name, kw in out if not any(o.startswith(name + ".") for o, _ in out)]
+
+
+def test_the_python_api_snippet_names_what_a_fresh_import_provides():
+    """Each `thrifty.x.y` of README's Python block resolves after a bare `import thrifty` in a fresh interpreter
+    (the test process may have imported submodules already), and every keyword it passes is a parameter."""
+    names = thrifty_calls(python_block(README.read_text()))
+    assert any(name == "thrifty.train.run_training" for name, _ in names)  # the block still shows a training run
+    check = (
+        "import inspect, json, sys, thrifty\n"
+        "for name, kws in json.loads(sys.argv[1]):\n"
+        "    obj = thrifty\n"
+        "    for part in name.split('.')[1:]:\n"
+        "        obj = getattr(obj, part)\n"
+        "    if kws:\n"
+        "        inspect.signature(obj).bind_partial(**dict.fromkeys(kws))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", check, json.dumps(names)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_snippet_checker_catches_a_name_a_bare_import_lacks():
+    names = thrifty_calls("import thrifty\nthrifty.no_such_module.run(x=1)\n")
+    assert names == [("thrifty.no_such_module.run", ["x"])]
+    proc = subprocess.run(
+        [sys.executable, "-c", "import thrifty; thrifty.no_such_module"], capture_output=True, text=True
+    )
+    assert proc.returncode != 0

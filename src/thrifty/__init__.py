@@ -1,5 +1,6 @@
 """thrifty: adapt and compress large pretrained models on small budgets."""
 
+from thrifty import train  # the training layer, as the README uses it: thrifty.train.run_training
 from thrifty.backbones import Backbone, BackboneSpec, load_backbone, register_backbone
 from thrifty.data import TaskData, load_data, register_dataset
 from thrifty.objectives import Objective, make_objective, register_objective
@@ -32,4 +33,5 @@ __all__ = [
     "register_dataset",
     "register_method",
     "register_objective",
+    "train",
 ]
