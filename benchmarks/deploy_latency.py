@@ -97,6 +97,64 @@ def ort_quantizers(float_path: str, work: str, calib_batches, names) -> dict[str
     return out
 
 
+ORT_SWEEP = {  # name -> quantize_static options (QDQ; calibration: the CLI's 512 samples)
+    "u8-s8pc-minmax": dict(activation_type="QUInt8", per_channel=True, calibrate_method="MinMax"),
+    "u8-s8pt-minmax": dict(activation_type="QUInt8", per_channel=False, calibrate_method="MinMax"),
+    "u8-s8pc-minmax-reduce": dict(
+        activation_type="QUInt8", per_channel=True, calibrate_method="MinMax", reduce_range=True
+    ),
+    "s8sym-s8pc-minmax": dict(
+        activation_type="QInt8",
+        per_channel=True,
+        calibrate_method="MinMax",
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    ),
+    "u8-s8pc-entropy": dict(activation_type="QUInt8", per_channel=True, calibrate_method="Entropy"),
+    "u8-s8pc-percentile": dict(activation_type="QUInt8", per_channel=True, calibrate_method="Percentile"),
+}
+
+
+def ort_static_sweep(pre: str, work: str, calib_batches, names, val, log_rows: dict) -> tuple[str, str]:
+    """quantize_static under each ORT_SWEEP setting; the best by VALIDATION accuracy (never test) is returned as
+    (name, path). `log_rows` gets every setting's validation accuracy and bytes."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from thrifty.compress.quant.onnx_export import evaluate_onnx
+
+    best = None
+    for name, opts in ORT_SWEEP.items():
+        opts = dict(opts)
+        path = os.path.join(work, f"ort-static-{name}.onnx")
+        if not os.path.exists(path):
+            t0 = time.perf_counter()
+            quantize_static(
+                pre,
+                path,
+                _Reader(calib_batches, names),
+                quant_format=QuantFormat.QDQ,
+                activation_type=getattr(QuantType, opts.pop("activation_type")),
+                weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, opts.pop("calibrate_method")),
+                **opts,
+            )
+            log(f"ort-static {name}: {time.perf_counter() - t0:.0f} s")
+        acc = evaluate_onnx(path, val, 64, threads=2)["accuracy"]
+        log_rows[name] = {"val_accuracy": acc, "bytes": os.path.getsize(path), "options": ORT_SWEEP[name]}
+        log(f"ort-static {name}: val acc {acc:.4f}")
+        if best is None or acc > best[0]:
+            best = (acc, name, path)
+    return best[1], best[2]
+
+
+def validation_split(task, calib_n: int = 512, n: int = 500, seed: int = 0):
+    """The task's val split, else training samples outside the CLI's calibration draw (same permutation)."""
+    if task.has("val"):
+        return task.split("val")
+    train = task.split("train")
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[calib_n : calib_n + n]
+    return train.subset(sorted(idx.tolist()))
+
+
 def time_forms(paths: dict[str, str], feed_of, threads: int, batch: int, repeats: int) -> dict[str, dict[str, float]]:
     import onnxruntime as ort
 
@@ -181,6 +239,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log2-ablation", action="store_true", help="also PTQ W8A8 with the log2 softmax quantizer")
     p.add_argument("--sim-eval", default="thrifty-ptq-w8a8", help="forms also evaluated in the PyTorch simulation")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument(
+        "--conv-output-quant",
+        action="store_true",
+        help="thrifty's 8-bit-activation forms with PTQConfig(conv_output_quant=True) (QLinearConv / QLinearAdd)",
+    )
+    p.add_argument(
+        "--ort-sweep", action="store_true", help="also ORT quantize_static's best setting of ORT_SWEEP (chosen on val)"
+    )
+    p.add_argument("--note", default="", help="a note stored with the case (e.g. the machine's load)")
     p.add_argument("--build-only", action="store_true", help="stop after building the thrifty forms (parallel runs)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--output", required=True, help="JSON (cases are merged into an existing file)")
@@ -223,7 +290,10 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         m = copy.deepcopy(model)
         softmax = "log2" if name.endswith("-log2") else "uniform"
-        compress_(m, make_compressor_config(method, {"bits": bits, "softmax_quantizer": softmax}), calib)
+        options = {"bits": bits, "softmax_quantizer": softmax}
+        if args.conv_output_quant and bits.endswith("a8"):
+            options["conv_output_quant"] = True
+        compress_(m, make_compressor_config(method, options), calib)
         rows[name] = {"quantize_s": time.perf_counter() - t0}
         if name in args.sim_eval.split(","):  # the PyTorch simulation's accuracy (onnxruntime's is measured below)
             rows[name]["pytorch_accuracy"] = default_evaluate(m, task)["accuracy"]
@@ -236,6 +306,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     names = [i.name for i in __import__("onnxruntime").InferenceSession(paths["float"]).get_inputs()]
     paths.update(ort_quantizers(paths["float"], args.workdir, calib, names))
+    sweep: dict[str, Any] = {}
+    if args.ort_sweep:
+        pre = os.path.join(args.workdir, "float-pre.onnx")
+        best, paths["ort-static-best"] = ort_static_sweep(
+            pre if os.path.exists(pre) else paths["float"], args.workdir, calib, names, validation_split(task), sweep
+        )
+        sweep = {"chosen_on": "validation", "best": best, "settings": sweep}
     for path in paths.values():  # every file without the torch exporter's per-node metadata (fair bytes)
         finalize_onnx_(path, int4=False)
     for name, path in paths.items():
@@ -274,6 +351,12 @@ def main(argv: list[str] | None = None) -> None:
         "latency_protocol": f"{args.repeats} rounds, rotating order, allow_spinning 0, inter_op 1; shared machine",
         "env": environment(),
     }
+    if args.conv_output_quant:
+        result["thrifty_conv_form"] = "conv_output_quant=True: QDQ convs with quantized outputs (QLinearConv)"
+    if sweep:
+        result["ort_static_sweep"] = sweep
+    if args.note:
+        result["note"] = args.note
     out = read_json(args.output) if os.path.exists(args.output) else {}
     out[args.case] = result
     write_json(args.output, out)

@@ -85,6 +85,13 @@ class PTQConfig(_QuantConfig):
     lp_norm: float = field(default=2.0, metadata={"help": "p of the L_p error the range search minimises"})
     observer_samples: int = field(default=2**17, metadata={"help": "values kept per activation quantizer"})
     fold_bn: bool = field(default=True, metadata={"help": "fold BatchNorm into the preceding conv"})
+    conv_output_quant: bool = field(
+        default=False,
+        metadata={
+            "help": "quantize every conv output with the quantizer of its consumer (CNN residual stream included): "
+            "the ONNX export then runs on QLinearConv / QLinearAdd in onnxruntime (8-bit activations only)"
+        },
+    )
     pack: bool = field(default=True, metadata={"help": "drop float weights after convert (deployable form)"})
     version: int = FORMAT_VERSION
 
@@ -111,6 +118,10 @@ class PTQConfig(_QuantConfig):
         check(
             len(self.percentiles) > 0 and all(0.5 < p <= 1.0 for p in self.percentiles),
             f"`percentiles` must be values in (0.5, 1], got {self.percentiles!r}",
+        )
+        check(
+            not self.conv_output_quant or self.a_bits == 8,
+            f"`conv_output_quant` needs 8-bit activations (QLinearConv is uint8), got a_bits={self.a_bits}",
         )
         check(self.lp_norm > 0, f"`lp_norm` must be positive, got {self.lp_norm!r}")
         check(self.observer_samples >= 1024, f"`observer_samples` must be >= 1024, got {self.observer_samples!r}")

@@ -36,6 +36,7 @@ class QuantModule(nn.Module):
     quant_enabled: bool = True
     export_int: bool = False
     skip_out_qdq: bool = False  # exporter: an 8-bit output whose only consumer re-quantizes it (integer attention)
+    qdq_form: bool = False  # conv_output_quant: the conv exports as QDQ that onnxruntime fuses to QLinearConv
 
 
 class _QuantWeightLayer(QuantModule):
@@ -139,6 +140,10 @@ class _QuantWeightLayer(QuantModule):
     def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _quant_bias(self) -> torch.Tensor:
+        """The bias of the quantized forward (QDQ-form convs: on the int32 grid of s_x s_w, as the engine adds it)."""
+        return self.bias
+
     def _int_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The deployment op (exporter only), or None where the QDQ form is exported instead."""
         return None
@@ -161,11 +166,12 @@ class _QuantWeightLayer(QuantModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         quant = self.quant_enabled and self.converted
         y = self._int_forward(x) if quant and self.export_int else None
+        y_int = y is not None
         if y is not None:
             if self.cwac_a is not None:
                 y = y * self._channel_view(self.cwac_a) + self._channel_view(self.cwac_beta)
         elif quant:
-            y = self._op(self.input_quantizer(x), self.weight_dequantized(), self.bias)
+            y = self._op(self.input_quantizer(x), self.weight_dequantized(), self._quant_bias())
             if self.cwac_a is not None:
                 y = y * self._channel_view(self.cwac_a) + self._channel_view(self.cwac_beta)
         else:
@@ -178,7 +184,7 @@ class _QuantWeightLayer(QuantModule):
                 self.input_quantizer.observe(x)
             y = self._op(x, self.weight, self.bias)
         if self.output_quantizer is not None:
-            if quant and not (self.export_int and self.skip_out_qdq):
+            if quant and not (self.export_int and (self.skip_out_qdq or (self.qdq_form and y_int))):
                 y = self.output_quantizer(y)
             elif self.output_quantizer.mode == "observe":
                 self.output_quantizer.observe(y)
@@ -235,6 +241,24 @@ class QuantConv2d(_QuantWeightLayer):
         self.stride, self.padding = tuple(layer.stride), layer.padding
         self.dilation, self.groups = tuple(layer.dilation), layer.groups
         self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+        self.input_shared = False  # qdq_form: the input is already quantized by this quantizer (a stream tensor)
+
+    def spec(self) -> dict[str, Any]:
+        s = super().spec()
+        if self.qdq_form:
+            s["qdq_form"], s["input_shared"] = True, bool(self.input_shared)
+        return s
+
+    def empty_like_converted_(self, spec: dict[str, Any]) -> None:
+        super().empty_like_converted_(spec)
+        self.qdq_form, self.input_shared = bool(spec.get("qdq_form", False)), bool(spec.get("input_shared", False))
+
+    def _quant_bias(self) -> torch.Tensor:
+        if not self.qdq_form:
+            return self.bias
+        from thrifty.compress.quant.conv_qdq import quant_bias
+
+        return quant_bias(self)
 
     def _op(self, x, w, b):
         return F.conv2d(self.pad(x), w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -243,6 +267,15 @@ class QuantConv2d(_QuantWeightLayer):
         from thrifty.compress.quant.int_ops import qconv
 
         iq = self.input_quantizer
+        if (
+            self.qdq_form
+            and iq.mode == "quant"
+            and self.cwac_a is None
+            and getattr(self, "bias_codes", None) is not None
+        ):
+            from thrifty.compress.quant.conv_qdq import qdq_forward
+
+            return qdq_forward(self, x)  # Q/DQ around Conv: onnxruntime fuses it to QLinearConv
         if iq.mode != "quant" or self.w_bits <= 4 or not self.weight_symmetric or isinstance(self.padding, str):
             return None  # 4-bit conv: DequantizeLinear(int4) + Conv; asymmetric or "same" padding: QDQ
         return qconv(  # the zero padding of self.pad quantizes to the zero point, as ConvInteger's own padding

@@ -4,7 +4,9 @@ the default) or the plain QDQ graph (`int_kernels=False`).
 Deployment graph (thrifty.compress.quant.int_ops; each op's eager forward is the PyTorch simulation):
 - Linear with >= 5-bit weights: `QuantizeLinear` (uint8 activation, zero point) + `MatMulIntegerToFloat` on the
   int8 weight codes (u8s8, per-output-channel weight scales, bias): a folded CWAC is just other scales and biases;
-- Conv2d: `QuantizeLinear` + `ConvInteger` + `Cast` + `Mul` (s_x s_w per channel) + `Add` (bias);
+- Conv2d: `QuantizeLinear` + `ConvInteger` + `Cast` + `Mul` (s_x s_w per channel) + `Add` (bias); with
+  `PTQConfig(conv_output_quant=True)` instead QDQ around every Conv with its output quantized (int32 bias), which
+  onnxruntime fuses to `QLinearConv` / `QLinearAdd` (thrifty.compress.quant.conv_qdq);
 - attention (Hugging Face encoders): Q K^T from the quantized q and k, and P V from uniform uint8 probabilities
   (`softmax_quantizer="uniform"`) and the quantized v, as `MatMulIntegerToFloat` on uint8 x uint8;
 - embeddings: `Gather` on the int8 table and on the row scales, `Cast`, `Mul`;
@@ -53,6 +55,7 @@ def _fake_quant_onnx(x, scale, zero_point, lo, hi, axis: int):
 def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int = 32, accuracy_level: int = 0):
     """Compensation branches emit real float16 ops while exporting; with `int_kernels` the quantized modules emit
     the deployment ops and <= 4-bit linear layers carry their MatMulNBits blobs (temporary buffers)."""
+    from thrifty.compress.quant import conv_qdq
     from thrifty.compress.quant.int_ops import pack_nbits
     from thrifty.compress.quant.layers import QuantLinear, QuantModule, SoftmaxQuant
 
@@ -66,6 +69,7 @@ def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int = 32
         if isinstance(m, SoftmaxQuant):
             m.pv_integer = m.integer_pv()
     skipped = _skip_requantized_outputs(model) if int_kernels else []
+    qdq_convs = conv_qdq.begin_export(model) if int_kernels else []
     for m in nbits:
         blobs = pack_nbits(m.weight_codes, m.weight_scale, m.weight_zero_point, m.weight_symmetric, block_size)
         for name, t in zip(("nbits_packed", "nbits_scales", "nbits_zero_points"), blobs, strict=True):
@@ -80,6 +84,7 @@ def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int = 32
             m.export_int = False
         for m in skipped:
             m.skip_out_qdq = False
+        conv_qdq.end_export(qdq_convs)
         for m in nbits:
             for name in ("nbits_packed", "nbits_scales", "nbits_zero_points"):
                 delattr(m, name)
@@ -129,6 +134,7 @@ def export_onnx(
 ) -> str:
     """Export `model` (a converted, packed quantized model) with a dynamic batch axis; returns `path`.
     `int_kernels`: the deployment graph (else plain QDQ); `block_size`, `accuracy_level`: MatMulNBits'."""
+    from thrifty.compress.quant.conv_qdq import translation_table as conv_qdq_table
     from thrifty.compress.quant.int_ops import translation_table
 
     model = model.eval()
@@ -145,6 +151,7 @@ def export_onnx(
         torch.ops.thrifty.dequantize_per_channel.default: _dequantize_onnx,
         torch.ops.thrifty.fake_quant_uint8.default: _fake_quant_onnx,
         **translation_table(),
+        **conv_qdq_table(),
     }
     mode = export_mode(model, int_kernels, block_size, accuracy_level)
     with mode, torch.no_grad(), warnings.catch_warnings():
@@ -164,7 +171,21 @@ def export_onnx(
             verbose=False,
         )
     finalize_onnx_(path, int4=int_kernels)
+    if int_kernels and any(getattr(m, "qdq_form", False) for m in model.modules()):
+        _fold_clip_bounds(path)
     return path
+
+
+def _fold_clip_bounds(path: str) -> None:
+    import onnx
+
+    from thrifty.compress.quant.conv_qdq import fold_clip_bounds_
+
+    proto = onnx.load(path)
+    if fold_clip_bounds_(proto):
+        tmp = f"{path}.tmp"
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
 
 
 def finalize_onnx_(path: str, int4: bool = True) -> None:

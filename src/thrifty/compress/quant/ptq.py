@@ -113,6 +113,10 @@ def prepare_ptq_(model: nn.Module, config: PTQConfig, filter_fn: FilterFn | None
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.register_forward_pre_hook(_bn_input_hook)
+    if config.conv_output_quant:
+        from thrifty.compress.quant.conv_qdq import prepare_conv_qdq_
+
+        prepare_conv_qdq_(model, config.observer_samples)
     _set_state(model, {"status": "prepared", "originals": originals, "softmax": softmax, "embeddings": embeddings})
     return targets
 
@@ -208,6 +212,11 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
         emb: QuantEmbedding = model.get_submodule(name)
         emb.quantize_weight_(config.embedding_bits, config.percentiles, config.lp_norm)
         embeddings[name] = emb.spec()
+    conv_qdq = None
+    if config.conv_output_quant:
+        from thrifty.compress.quant.conv_qdq import convert_conv_qdq_
+
+        conv_qdq = convert_conv_qdq_(model, config)
     spec = {
         "layers": {n: layers[n].spec() for n in order},
         "embeddings": embeddings,
@@ -216,6 +225,8 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
         "reverted": reverted,
         "edges": edges,
     }
+    if conv_qdq is not None:
+        spec["conv_qdq"] = conv_qdq
     _set_state(model, {"status": "converted", "spec": spec, "config": config.to_dict()})
     if config.pack if pack is None else pack:
         pack_(model)
@@ -253,4 +264,8 @@ def prepare_ptq_for_loading_(model: nn.Module, spec: dict[str, Any], config: PTQ
         for name, s in spec["softmax"].items():
             sq: SoftmaxQuant = model.get_submodule(name)
             sq.quantizer.loaded_(s["a_bits"])
+    if spec.get("conv_qdq"):
+        from thrifty.compress.quant.conv_qdq import restore_conv_qdq_
+
+        restore_conv_qdq_(model, spec["conv_qdq"])
     _set_state(model, {"status": "converted", "spec": spec, "config": config.to_dict()})
