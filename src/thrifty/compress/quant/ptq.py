@@ -188,7 +188,9 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
         for name, layer in progress_bar(layers.items(), total=len(layers), desc="PTQ ranges", unit="layer"):
             w_bits = config.edge_bits if name in edges else config.w_bits
             a_bits = config.edge_bits if name in edges else config.a_bits
-            layer.quantize_weight_(w_bits, config.weight_symmetric, config.percentiles, config.lp_norm)
+            layer.quantize_weight_(
+                w_bits, config.weight_symmetric, config.percentiles, config.lp_norm, config.half_scales
+            )
             layer.input_quantizer.calibrate(a_bits, config.percentiles, config.lp_norm)
             layer.input_quantizer.drop_observations()
             if layer.output_quantizer is not None:
@@ -206,7 +208,9 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
     embeddings = {}
     for name in state.get("embeddings", []):
         emb: QuantEmbedding = model.get_submodule(name)
-        emb.quantize_weight_(config.embedding_bits, config.percentiles, config.lp_norm)
+        emb.quantize_weight_(
+            config.embedding_bits, config.percentiles, config.lp_norm, config.half_scales, config.embedding_block_size
+        )
         embeddings[name] = emb.spec()
     spec = {
         "layers": {n: layers[n].spec() for n in order},
