@@ -89,11 +89,11 @@ class PTQConfig(_QuantConfig):
     embedding_block_size: int = field(
         default=128, metadata={"help": "<= 4-bit tables: values per scale along a row (power of 2, >= 16)"}
     )
-    half_scales: bool = field(
+    half_params: bool = field(
         default=True,
         metadata={
-            "help": "weight and table scales rounded to float16 values (relative change <= 2^-11), so the ONNX "
-            "export stores them exactly in half the bytes"
+            "help": "weight / table scales and quantized layers' biases rounded to float16 values (relative change "
+            "<= 2^-11), so the ONNX export stores them exactly in half the bytes"
         },
     )
     percentiles: tuple[float, ...] = field(default=(0.999, 0.9999, 0.99999), metadata={"help": "range search"})

@@ -144,7 +144,12 @@ def _register_gather_block_quantized() -> None:
         "GatherBlockQuantized",
         "com.microsoft",
         1,
-        inputs=[par("data", "T1"), par("indices", "Tind"), par("scales", "T2"), par("zero_points", "T1", "", opt)],
+        inputs=[
+            par("data", "T1"),
+            par("indices", "Tind"),
+            par("scales", "T2"),
+            par("zero_points", "T1", "", param_option=opt),
+        ],
         outputs=[par("output", "T2")],
         type_constraints=[
             ("T1", ["tensor(int4)", "tensor(uint4)", "tensor(uint8)", "tensor(int8)"], ""),

@@ -1,16 +1,19 @@
 """Lossless size reductions of an exported ONNX graph (`compact_onnx_`, run by `onnx_export.finalize_onnx_`).
 
 What the PyTorch exporter leaves that onnxruntime does not need, and what can be stored in fewer bytes exactly:
-- per-node metadata (stack traces, name scopes), doc strings and the `value_info` shape annotations (onnxruntime
-  re-infers shapes at load);
-- `Constant` nodes become initializers, `Identity` nodes are bypassed, identical initializers are shared;
+- per-node metadata (stack traces, name scopes), the exporter's graph metadata (the ExportedProgram signature, 66
+  KB on MiniLM), doc strings and the `value_info` shape annotations (onnxruntime re-infers shapes at load);
+- `Constant` nodes become initializers, `Identity` nodes are bypassed, identical initializers are shared; nodes
+  that only reshuffle initializers (Gather of a quantizer's scalar, Transpose of weight codes, exact Casts,
+  Reshape / Unsqueeze / Squeeze) are evaluated in numpy and replaced by their result where it is no larger
+  (onnxruntime folds the same nodes at load: the same values);
 - all-zero optional zero points (MatMulIntegerToFloat's, where zero is the default) and MatMulNBits' all-8 zero
   points (the default) are dropped;
 - GatherBlockQuantized tables (written as int8 by the exporter) are stored as INT4 (codes in [-8, 7]);
-- float32 initializers whose values are all float16 values (weight and table scales, rounded at calibration with
-  `PTQConfig.half_scales`) are stored as float16 behind a `Cast` to float; int64 ones that fit int32 likewise as
-  int32. onnxruntime's constant folding (basic level, on by default) turns each such Cast back into a float32 /
-  int64 initializer at load: the session computes on the same values as before, with no Cast left at run time;
+- float32 initializers whose values are all float16 values (weight and table scales and quantized layers' biases,
+  rounded at calibration with `PTQConfig.half_params`) are stored as float16 behind a `Cast` to float; int64
+  ones that fit int32 likewise as int32. onnxruntime's constant folding (basic level, on by default) turns each
+  such Cast back into a float32 / int64 initializer at load: the same values as before, no Cast at run time;
 - value and initializer names are replaced by short deterministic ones (graph inputs and outputs keep theirs; node
   names are dropped): the exporter's `model.backbone.model.encoder.layer.5...` names cost ~20 KB on MiniLM.
 """
@@ -36,11 +39,16 @@ def compact_onnx_(model, half: bool = True, short_names: bool = True) -> dict[st
         del node.metadata_props[:]
         node.doc_string = ""
     del g.value_info[:]
+    for props in (g.metadata_props, model.metadata_props):
+        keep = [p for p in props if not p.key.startswith("pkg.torch.")]
+        del props[:]
+        props.extend(keep)
     g.doc_string = model.doc_string = ""
     if any(a.type in (a.GRAPH, a.GRAPHS) for n in g.node for a in n.attribute):
         return dict(stats)  # subgraphs may refer to outer names: only the metadata is stripped
     stats["constants_folded"] = _fold_constants_(g)
     stats["identities_removed"] = _bypass_identities_(g)
+    stats["constant_nodes_evaluated"] = _evaluate_constant_nodes_(g)
     stats["default_zero_points_dropped"] = _drop_default_zero_points_(g)
     stats["int4_tables"] = _int4_gather_tables_(g)
     stats["initializers_shared"] = _share_duplicates_(g)
@@ -107,6 +115,64 @@ def _bypass_identities_(g) -> int:
     return len(mapping)
 
 
+_PLAIN_TYPES = {1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13}  # float, (u)int8-64, bool, float16, double
+
+
+def _evaluate(node, args: list[np.ndarray]) -> np.ndarray | None:
+    """numpy value of one shape / index / cast node on constant inputs, or None (not handled, or inexact)."""
+    from onnx import helper
+
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    op = node.op_type
+    if op == "Gather":
+        return np.take(args[0], args[1], axis=attrs.get("axis", 0))
+    if op == "Transpose":
+        return np.transpose(args[0], attrs.get("perm"))
+    if op in ("Cast", "CastLike"):
+        if "saturate" in attrs and attrs["saturate"] != 1:
+            return None
+        dtype = helper.tensor_dtype_to_np_dtype(attrs["to"]) if op == "Cast" else args[1].dtype
+        out = args[0].astype(dtype)
+        return out if np.array_equal(out.astype(args[0].dtype), args[0]) else None  # exact casts only
+    if op == "Reshape" and not attrs.get("allowzero", 0):
+        shape = [args[0].shape[i] if d == 0 else int(d) for i, d in enumerate(args[1].tolist())]
+        return args[0].reshape(shape)
+    if op == "Unsqueeze":
+        return np.expand_dims(args[0], tuple(int(a) for a in args[1].tolist()))
+    if op == "Squeeze":
+        return np.squeeze(args[0], tuple(int(a) for a in args[1].tolist()) if len(args) > 1 else None)
+    return None
+
+
+def _evaluate_constant_nodes_(g) -> int:
+    """Replace nodes whose inputs are all initializers by their value (not larger than the inputs)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in g.initializer}
+    outputs = {o.name for o in g.output}
+    keep, done = [], 0
+    for node in g.node:
+        ins = [inits.get(i) for i in node.input]
+        ok = (
+            node.domain in ("", "ai.onnx")
+            and len(node.output) == 1
+            and node.output[0] not in outputs
+            and ins
+            and all(t is not None and t.data_type in _PLAIN_TYPES for t in ins)
+        )
+        out = _evaluate(node, [_array(t) for t in ins]) if ok else None
+        if out is None or out.nbytes > sum(_array(t).nbytes for t in ins[:1]) + 16:
+            keep.append(node)
+            continue
+        t = numpy_helper.from_array(np.array(out, order="C"), node.output[0])  # (ascontiguousarray makes 0-d 1-d)
+        g.initializer.append(t)
+        inits[t.name] = t
+        done += 1
+    del g.node[:]
+    g.node.extend(keep)
+    return done
+
+
 def _drop_default_zero_points_(g) -> int:
     inits = {t.name: t for t in g.initializer}
     done = 0
@@ -128,8 +194,20 @@ def _drop_default_zero_points_(g) -> int:
     return done
 
 
-def _int4_gather_tables_(g) -> int:
+def int4_tensor(name: str, a: np.ndarray):
+    """An INT4 TensorProto of integer values in [-8, 7], packed two per byte in raw_data (element 0 in the low
+    nibble): half a byte per value (onnx.helper.make_tensor's int32_data form costs ~1.5 bytes a byte pair)."""
     from onnx import TensorProto, helper
+
+    u = np.asarray(a).reshape(-1).astype(np.int16) & 0xF
+    if u.size % 2:
+        u = np.concatenate([u, np.zeros(1, dtype=u.dtype)])
+    packed = (u[0::2] | (u[1::2] << 4)).astype(np.uint8)
+    return helper.make_tensor(name, TensorProto.INT4, list(np.shape(a)), packed.tobytes(), raw=True)
+
+
+def _int4_gather_tables_(g) -> int:
+    from onnx import TensorProto
 
     inits = {t.name: t for t in g.initializer}
     done = 0
@@ -142,7 +220,7 @@ def _int4_gather_tables_(g) -> int:
         a = _array(t)
         if a.size and (a.min() < -8 or a.max() > 7):
             raise ValueError(f"GatherBlockQuantized table {t.name!r} has codes outside [-8, 7]")
-        t.CopyFrom(helper.make_tensor(t.name, TensorProto.INT4, a.shape, a.reshape(-1).tolist()))
+        t.CopyFrom(int4_tensor(t.name, a))
         done += 1
     return done
 

@@ -210,6 +210,8 @@ def int4_initializers_(model) -> int:
     import onnx
     from onnx import numpy_helper
 
+    from thrifty.compress.quant.onnx_compact import int4_tensor
+
     inits = {t.name: t for t in model.graph.initializer}
     done = 0
     for node in model.graph.node:
@@ -222,7 +224,7 @@ def int4_initializers_(model) -> int:
         if any(a.size and (a.min() < -8 or a.max() > 7) for a in arrays) or arrays[0].size < 64:
             continue
         for t, a in zip((codes, zp), arrays, strict=True):
-            t.CopyFrom(onnx.helper.make_tensor(t.name, onnx.TensorProto.INT4, a.shape, a.reshape(-1).tolist()))
+            t.CopyFrom(int4_tensor(t.name, a))
         done += 1
     return done
 

@@ -189,8 +189,10 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
             w_bits = config.edge_bits if name in edges else config.w_bits
             a_bits = config.edge_bits if name in edges else config.a_bits
             layer.quantize_weight_(
-                w_bits, config.weight_symmetric, config.percentiles, config.lp_norm, config.half_scales
+                w_bits, config.weight_symmetric, config.percentiles, config.lp_norm, config.half_params
             )
+            if config.half_params and layer.bias is not None:
+                _half_bias_(layer)
             layer.input_quantizer.calibrate(a_bits, config.percentiles, config.lp_norm)
             layer.input_quantizer.drop_observations()
             if layer.output_quantizer is not None:
@@ -209,7 +211,7 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
     for name in state.get("embeddings", []):
         emb: QuantEmbedding = model.get_submodule(name)
         emb.quantize_weight_(
-            config.embedding_bits, config.percentiles, config.lp_norm, config.half_scales, config.embedding_block_size
+            config.embedding_bits, config.percentiles, config.lp_norm, config.half_params, config.embedding_block_size
         )
         embeddings[name] = emb.spec()
     spec = {
@@ -224,6 +226,13 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
     if config.pack if pack is None else pack:
         pack_(model)
     return spec
+
+
+def _half_bias_(layer: nn.Module) -> None:
+    """Round the bias to float16 values (stays float32; `PTQConfig.half_params`), unless one would overflow."""
+    with torch.no_grad():
+        if bool((layer.bias.abs() <= 65504).all()):
+            layer.bias.copy_(layer.bias.half().float())
 
 
 def pack_(model: nn.Module) -> None:
