@@ -92,8 +92,8 @@ class PTQConfig(_QuantConfig):
     half_params: bool = field(
         default=True,
         metadata={
-            "help": "weight / table scales and quantized layers' biases rounded to float16 values (relative change "
-            "<= 2^-11), so the ONNX export stores them exactly in half the bytes"
+            "help": "weight / table scales (and, when PTQ packs, quantized layers' biases) rounded to float16 "
+            "values (relative change <= 2^-11), so the ONNX export stores them exactly in half the bytes"
         },
     )
     percentiles: tuple[float, ...] = field(default=(0.999, 0.9999, 0.99999), metadata={"help": "range search"})

@@ -191,8 +191,6 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
             layer.quantize_weight_(
                 w_bits, config.weight_symmetric, config.percentiles, config.lp_norm, config.half_params
             )
-            if config.half_params and layer.bias is not None:
-                _half_bias_(layer)
             layer.input_quantizer.calibrate(a_bits, config.percentiles, config.lp_norm)
             layer.input_quantizer.drop_observations()
             if layer.output_quantizer is not None:
@@ -224,12 +222,17 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
     }
     _set_state(model, {"status": "converted", "spec": spec, "config": config.to_dict()})
     if config.pack if pack is None else pack:
+        if config.half_params:  # packed: no float path left whose bias this could change
+            for layer in layers.values():
+                if layer.bias is not None:
+                    _half_bias_(layer)
         pack_(model)
     return spec
 
 
 def _half_bias_(layer: nn.Module) -> None:
-    """Round the bias to float16 values (stays float32; `PTQConfig.half_params`), unless one would overflow."""
+    """Round the bias to float16 values (stays float32; `PTQConfig.half_params`), unless one would overflow. Only
+    when PTQ packs: an unpacked model keeps its exact float path (QwT / QwT-v2 pack later: exact biases)."""
     with torch.no_grad():
         if bool((layer.bias.abs() <= 65504).all()):
             layer.bias.copy_(layer.bias.half().float())
