@@ -78,8 +78,23 @@ class PTQConfig(_QuantConfig):
             "help": "log2 (RepQ-ViT) | uniform (uint8, zero point 0: runs P x V on integer kernels in onnxruntime)"
         },
     )
-    embedding_bits: int | None = field(
-        default=8, metadata={"help": "nn.Embedding tables: per-row symmetric int codes; None = float"}
+    embedding_bits: int | str | None = field(
+        default="auto",
+        metadata={
+            "help": "nn.Embedding tables: symmetric int codes, per row (> 4 bits) or per block of "
+            "`embedding_block_size` (<= 4 bits: onnxruntime's GatherBlockQuantized on int4); None = float; "
+            "auto = 4 when w_bits <= 4, else 8"
+        },
+    )
+    embedding_block_size: int = field(
+        default=128, metadata={"help": "<= 4-bit tables: values per scale along a row (power of 2, >= 16)"}
+    )
+    half_params: bool = field(
+        default=True,
+        metadata={
+            "help": "weight / table scales (and, when PTQ packs, quantized layers' biases) rounded to float16 "
+            "values (relative change <= 2^-11), so the ONNX export stores them exactly in half the bytes"
+        },
     )
     percentiles: tuple[float, ...] = field(default=(0.999, 0.9999, 0.99999), metadata={"help": "range search"})
     lp_norm: float = field(default=2.0, metadata={"help": "p of the L_p error the range search minimises"})
@@ -106,9 +121,15 @@ class PTQConfig(_QuantConfig):
             self.softmax_quantizer in SOFTMAX_QUANTIZERS,
             f"`softmax_quantizer` must be one of {SOFTMAX_QUANTIZERS}, got {self.softmax_quantizer!r}",
         )
+        if self.embedding_bits == "auto":
+            self.embedding_bits = 4 if self.w_bits <= 4 else 8
         check(
             self.embedding_bits is None or self.embedding_bits in SUPPORTED_BITS,
             f"`embedding_bits` must be None or one of {SUPPORTED_BITS}, got {self.embedding_bits!r}",
+        )
+        check(
+            self.embedding_block_size >= 16 and self.embedding_block_size & (self.embedding_block_size - 1) == 0,
+            f"`embedding_block_size` must be a power of 2 >= 16, got {self.embedding_block_size!r}",
         )
         check(
             self.edge_bits is None or self.edge_bits in SUPPORTED_BITS,

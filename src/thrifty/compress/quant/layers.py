@@ -81,10 +81,13 @@ class _QuantWeightLayer(QuantModule):
             "out_bits": self.output_quantizer.bits if self.output_quantizer is not None else None,
         }
 
-    def quantize_weight_(self, bits: int, symmetric: bool = True, percentiles=None, p: float = 2.0) -> None:
-        """Per-channel weight codes and scales (RepQ-ViT's percentile search with L_p error)."""
+    def quantize_weight_(
+        self, bits: int, symmetric: bool = True, percentiles=None, p: float = 2.0, half_scales: bool = False
+    ) -> None:
+        """Per-channel weight codes and scales (RepQ-ViT's percentile search with L_p error; `half_scales`: scales
+        rounded to float16 values, stored exactly in half the bytes by the ONNX export)."""
         kwargs = {} if percentiles is None else {"percentiles": tuple(percentiles)}
-        codes, scale, zp = search_weight(self.weight.detach(), bits, symmetric, p=p, **kwargs)
+        codes, scale, zp = search_weight(self.weight.detach(), bits, symmetric, p=p, half_scales=half_scales, **kwargs)
         self.w_bits, self.weight_symmetric = int(bits), bool(symmetric)
         self.weight_codes, self.weight_scale, self.weight_zero_point = codes, scale, zp
 

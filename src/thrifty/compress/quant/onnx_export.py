@@ -9,15 +9,18 @@ Deployment graph (thrifty.compress.quant.int_ops; each op's eager forward is the
   onnxruntime fuses to `QLinearConv` / `QLinearAdd` (thrifty.compress.quant.conv_qdq);
 - attention (Hugging Face encoders): Q K^T from the quantized q and k, and P V from uniform uint8 probabilities
   (`softmax_quantizer="uniform"`) and the quantized v, as `MatMulIntegerToFloat` on uint8 x uint8;
-- embeddings: `Gather` on the int8 table and on the row scales, `Cast`, `Mul`;
+- embeddings: `Gather` on the int8 table and on the row scales, `Cast`, `Mul`; <= 4-bit tables with block scales:
+  `com.microsoft.GatherBlockQuantized` on an INT4 table (thrifty.compress.quant.embedding);
 - Linear with <= 4-bit weights: `com.microsoft.MatMulNBits` (block-wise uint4 codes with zero point 8, every block
-  of a row carries the row's folded scale), its input `QuantizeLinear` -> `DequantizeLinear` unless weight-only
-  (a_bits=16); `accuracy_level=0` computes in float on the dequantized weights: exactly the simulation;
+  of a row carries the row's folded scale, so the block is as long as K allows: `nbits_block`), its input
+  `QuantizeLinear` -> `DequantizeLinear` unless weight-only (a_bits=16); `accuracy_level=0` computes in float on
+  the dequantized weights: exactly the simulation;
 - <= 4-bit Conv2d weights are stored as ONNX INT4 initializers for `DequantizeLinear` (no int4 conv kernel).
 What has no integer form stays QDQ / float: the log2 softmax quantizer (Log / Round / Clip / Pow / Where), the
 q | k | v segments of a fused timm qkv (timm's attention matmuls are its own code), QwT's float16 branch,
 LayerNorm, GELU, softmax. Widths below 8 bits add a `Clip` to the b-bit range before `QuantizeLinear`: exact
-b-bit quantization inside 8-bit containers.
+b-bit quantization inside 8-bit containers. `finalize_onnx_` then applies thrifty.compress.quant.onnx_compact's
+lossless size reductions (metadata, value_info, float16-exact scales, short names).
 """
 
 from __future__ import annotations
@@ -51,8 +54,20 @@ def _fake_quant_onnx(x, scale, zero_point, lo, hi, axis: int):
     return op.DequantizeLinear(op.QuantizeLinear(x, scale, zp, axis=axis), scale, zp, axis=axis)
 
 
+def nbits_block(k: int, block_size: int | None = None, largest: int = 512) -> int:
+    """MatMulNBits' block length for K inputs: `block_size` when given, else the largest power of 2 in
+    [16, largest] dividing K (no padding, fewest repeated per-channel scales: 128 for K = 384, 512 for 1536),
+    32 when none divides K."""
+    if block_size is not None:
+        return block_size
+    b = largest
+    while b >= 16 and k % b:
+        b //= 2
+    return b if b >= 16 else 32
+
+
 @contextmanager
-def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int = 32, accuracy_level: int = 0):
+def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int | None = None, accuracy_level: int = 0):
     """Compensation branches emit real float16 ops while exporting; with `int_kernels` the quantized modules emit
     the deployment ops and <= 4-bit linear layers carry their MatMulNBits blobs (temporary buffers)."""
     from thrifty.compress.quant import conv_qdq
@@ -71,10 +86,11 @@ def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int = 32
     skipped = _skip_requantized_outputs(model) if int_kernels else []
     qdq_convs = conv_qdq.begin_export(model) if int_kernels else []
     for m in nbits:
-        blobs = pack_nbits(m.weight_codes, m.weight_scale, m.weight_zero_point, m.weight_symmetric, block_size)
+        block = nbits_block(m.in_features, block_size)
+        blobs = pack_nbits(m.weight_codes, m.weight_scale, m.weight_zero_point, m.weight_symmetric, block)
         for name, t in zip(("nbits_packed", "nbits_scales", "nbits_zero_points"), blobs, strict=True):
             m.register_buffer(name, t, persistent=False)
-        m.nbits_config = (block_size, accuracy_level)
+        m.nbits_config = (block, accuracy_level)
     try:
         yield model
     finally:
@@ -129,11 +145,14 @@ def export_onnx(
     opset: int = 21,
     optimize: bool = False,
     int_kernels: bool = True,
-    block_size: int = 32,
+    block_size: int | None = None,
     accuracy_level: int = 0,
+    compact: bool = True,
 ) -> str:
     """Export `model` (a converted, packed quantized model) with a dynamic batch axis; returns `path`.
-    `int_kernels`: the deployment graph (else plain QDQ); `block_size`, `accuracy_level`: MatMulNBits'."""
+    `int_kernels`: the deployment graph (else plain QDQ); `block_size` (None: `nbits_block`), `accuracy_level`:
+    MatMulNBits'; `compact`: onnx_compact's size reductions (short names, float16-exact scales)."""
+    from thrifty.compress.quant import embedding
     from thrifty.compress.quant.conv_qdq import translation_table as conv_qdq_table
     from thrifty.compress.quant.int_ops import translation_table
 
@@ -152,6 +171,7 @@ def export_onnx(
         torch.ops.thrifty.fake_quant_uint8.default: _fake_quant_onnx,
         **translation_table(),
         **conv_qdq_table(),
+        **embedding.translation_table(),
     }
     mode = export_mode(model, int_kernels, block_size, accuracy_level)
     with mode, torch.no_grad(), warnings.catch_warnings():
@@ -170,35 +190,25 @@ def export_onnx(
             optimize=optimize,
             verbose=False,
         )
-    finalize_onnx_(path, int4=int_kernels)
-    if int_kernels and any(getattr(m, "qdq_form", False) for m in model.modules()):
-        _fold_clip_bounds(path)
+    finalize_onnx_(path, int4=int_kernels, compact=compact)
     return path
 
 
-def _fold_clip_bounds(path: str) -> None:
+def finalize_onnx_(path: str, int4: bool = True, compact: bool = True) -> None:
+    """Drop the exporter's per-node metadata (stack traces, name scopes: ~3 KB a node, 2.2 MB on MiniLM), with
+    `int4` store <= 4-bit DequantizeLinear weights as INT4 (`int4_initializers_`), turn constant Clip bounds into
+    initializers (conv_qdq.fold_clip_bounds_: onnxruntime drops a redundant Clip only then), onnx_compact.compact_onnx_
+    (`compact=False`: without float16 storage and short names); rewrites `path` atomically."""
     import onnx
 
     from thrifty.compress.quant.conv_qdq import fold_clip_bounds_
-
-    proto = onnx.load(path)
-    if fold_clip_bounds_(proto):
-        tmp = f"{path}.tmp"
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-
-
-def finalize_onnx_(path: str, int4: bool = True) -> None:
-    """Drop the exporter's per-node metadata (stack traces, name scopes: ~3 KB a node, 2.2 MB on MiniLM) and, with
-    `int4`, store <= 4-bit DequantizeLinear weights as INT4 (`int4_initializers_`); rewrites `path` atomically."""
-    import onnx
+    from thrifty.compress.quant.onnx_compact import compact_onnx_
 
     model = onnx.load(path)
-    for node in model.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
     if int4:
         int4_initializers_(model)
+    fold_clip_bounds_(model)
+    compact_onnx_(model, half=compact, short_names=compact)
     tmp = f"{path}.tmp"
     onnx.save(model, tmp)
     os.replace(tmp, path)
@@ -209,6 +219,8 @@ def int4_initializers_(model) -> int:
     the <= 4-bit conv weights, half the bytes), in place in the ModelProto; returns how many were converted."""
     import onnx
     from onnx import numpy_helper
+
+    from thrifty.compress.quant.onnx_compact import int4_tensor
 
     inits = {t.name: t for t in model.graph.initializer}
     done = 0
@@ -222,7 +234,7 @@ def int4_initializers_(model) -> int:
         if any(a.size and (a.min() < -8 or a.max() > 7) for a in arrays) or arrays[0].size < 64:
             continue
         for t, a in zip((codes, zp), arrays, strict=True):
-            t.CopyFrom(onnx.helper.make_tensor(t.name, onnx.TensorProto.INT4, a.shape, a.reshape(-1).tolist()))
+            t.CopyFrom(int4_tensor(t.name, a))
         done += 1
     return done
 

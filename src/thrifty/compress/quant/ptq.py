@@ -192,7 +192,9 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
         for name, layer in progress_bar(layers.items(), total=len(layers), desc="PTQ ranges", unit="layer"):
             w_bits = config.edge_bits if name in edges else config.w_bits
             a_bits = config.edge_bits if name in edges else config.a_bits
-            layer.quantize_weight_(w_bits, config.weight_symmetric, config.percentiles, config.lp_norm)
+            layer.quantize_weight_(
+                w_bits, config.weight_symmetric, config.percentiles, config.lp_norm, config.half_params
+            )
             layer.input_quantizer.calibrate(a_bits, config.percentiles, config.lp_norm)
             layer.input_quantizer.drop_observations()
             if layer.output_quantizer is not None:
@@ -210,7 +212,9 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
     embeddings = {}
     for name in state.get("embeddings", []):
         emb: QuantEmbedding = model.get_submodule(name)
-        emb.quantize_weight_(config.embedding_bits, config.percentiles, config.lp_norm)
+        emb.quantize_weight_(
+            config.embedding_bits, config.percentiles, config.lp_norm, config.half_params, config.embedding_block_size
+        )
         embeddings[name] = emb.spec()
     conv_qdq = None
     if config.conv_output_quant:
@@ -229,8 +233,20 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
         spec["conv_qdq"] = conv_qdq
     _set_state(model, {"status": "converted", "spec": spec, "config": config.to_dict()})
     if config.pack if pack is None else pack:
+        if config.half_params:  # packed: no float path left whose bias this could change
+            for layer in layers.values():
+                if layer.bias is not None:
+                    _half_bias_(layer)
         pack_(model)
     return spec
+
+
+def _half_bias_(layer: nn.Module) -> None:
+    """Round the bias to float16 values (stays float32; `PTQConfig.half_params`), unless one would overflow. Only
+    when PTQ packs: an unpacked model keeps its exact float path (QwT / QwT-v2 pack later: exact biases)."""
+    with torch.no_grad():
+        if bool((layer.bias.abs() <= 65504).all()):
+            layer.bias.copy_(layer.bias.half().float())
 
 
 def pack_(model: nn.Module) -> None:

@@ -142,16 +142,25 @@ def search_asymmetric(
     return best_s, best_z
 
 
+def half_representable(s: torch.Tensor) -> torch.Tensor:
+    """Positive float32 scales -> the nearest float16 values (relative change <= 2^-11), as float32; scales below
+    float16's smallest subnormal (2^-24) become 2^-24, above its largest finite value 65504."""
+    return s.float().clamp(2.0**-24, 65504.0).half().float().clamp_min(2.0**-24)
+
+
 def search_weight(
     w: torch.Tensor,
     bits: int,
     symmetric: bool = True,
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
     p: float = 2.0,
+    half_scales: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-output-channel weight quantization. w (C, ...) -> codes (C, ...) int8|uint8, scale (C,), zero_point (C,).
 
-    Candidates: the percentiles plus the full range (1.0); the lowest L_p error wins per channel."""
+    Candidates: the percentiles plus the full range (1.0); the lowest L_p error wins per channel. `half_scales`:
+    every candidate scale is first rounded to a float16 value (`half_representable`), so an exporter can store the
+    scales in float16 exactly (the codes are computed with the rounded scale)."""
     flat = w.detach().reshape(w.shape[0], -1).float()
     qmin, qmax = weight_range(bits, symmetric)
     pcts = (*percentiles, 1.0)
@@ -163,10 +172,13 @@ def search_weight(
         clips = quantiles(flat.abs(), pcts)
         for clip in clips:
             s = torch.clamp(clip / qmax, min=1e-8)
+            s = half_representable(s) if half_scales else s
             err = (flat - quant_dequant(flat, s[:, None], 0.0, qmin, qmax)).abs().pow(p).sum(1)
             better = err < best_err
             best_err, scale = torch.where(better, err, best_err), torch.where(better, s, scale)
         zp = torch.zeros_like(scale)
+    if half_scales:
+        scale = half_representable(scale)
     codes = torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], qmin, qmax)
     dtype = torch.int8 if symmetric else torch.uint8
     return codes.reshape(w.shape).to(dtype), scale, zp.to(dtype)
