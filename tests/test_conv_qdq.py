@@ -159,3 +159,24 @@ def test_conv_output_quant_rebuilds_from_spec_and_state_dict():
     fresh.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(fresh(data[0]), model(data[0]))
+
+
+@pytest.mark.parametrize("backbone", ["cifar-resnet:8", "timm:test_vit"])
+def test_cli_onnx_picks_the_qlinearconv_form_for_cnns_only(backbone, tmp_path):
+    """`thrifty quantize --onnx` at W8A8: a CNN backbone gets conv_output_quant (its convs run as QLinearConv),
+    a ViT keeps the default; `--set conv_output_quant=false` opts a CNN out."""
+    from thrifty.cli.main import main
+    from thrifty.io import read_json
+
+    common = ["--image-size", "16", "--data", "digits:1k", "--test-size", "20", "--calib-samples", "8"]
+    common += ["--batch-size", "8", "--method", "ptq", "--bits", "w8a8", "--onnx", "--no-progress"]
+    extra = ["--random-init"] if backbone.startswith("timm:") else []
+    for name, opt in (("auto", []), ("off", ["--set", "conv_output_quant=false"])):
+        out = tmp_path / name
+        with pytest.warns(UserWarning, match="untrained head"):
+            assert main(["quantize", "--backbone", backbone, *extra, *common, *opt, "--output", str(out)]) == 0
+        chosen = read_json(str(out / "quantize_config.json"))["quant_config"]["conv_output_quant"]
+        _, ops = _optimized(str(out / "model.onnx"), tmp_path)
+        expect = backbone.startswith("cifar") and name == "auto"
+        assert chosen is expect
+        assert (ops["QLinearConv"] > 0) is expect and (ops["ConvInteger"] > 0) is not expect

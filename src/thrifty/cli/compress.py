@@ -177,6 +177,11 @@ def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typ
             model = default_model(bb, task, args.adapter, args.seed)
         model.eval()
     seconds["load"] = info["seconds"]
+    if args.onnx and entry.onnx_model_options is not None:  # defaults that depend on the loaded model
+        extra = {k: v for k, v in entry.onnx_model_options(model, config).items() if k not in options}
+        if extra:
+            options = {**options, **extra}
+            config = make_compressor_config(method, options)
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     evaluate = entry.cli_evaluate or default_evaluate
     results: dict[str, typing.Any] = {"backbone": spec.name, "data": task.name, "method": method}

@@ -23,7 +23,8 @@ What a registration provides (`Compressor` fields):
 - `config_cls.cli_flags` (ClassVar tuple of option names): options `thrifty compress` exposes as their own flags;
 - optional `export_onnx(model, path, example_inputs) -> path` and `summarize(model) -> dict` (results.json);
   `onnx_options`: option defaults for models compressed to be exported (`thrifty compress --onnx`), applied where
-  the user set no value;
+  the user set no value; `onnx_model_options(model, config) -> dict`: more such defaults that depend on the
+  loaded model (e.g. the QLinearConv form for CNNs);
 - optional CLI inputs where the default (the fine-tuned classifier of --adapter, a seeded sample of the training
   split, test accuracy) does not fit: `cli_model(backbone, task, adapter) -> model`,
   `cli_calibration(task, n, batch_size, seed) -> batches`, `cli_evaluate(model, task) -> dict`.
@@ -67,6 +68,7 @@ class Compressor:
     config_key: str = "config"
     export_onnx: Callable[[nn.Module, str, Any], str] | None = None
     onnx_options: Mapping[str, Any] = field(default_factory=dict)
+    onnx_model_options: Callable[[nn.Module, Any], dict[str, Any]] | None = None
     summarize: Callable[[nn.Module], dict[str, Any]] | None = None
     cli_model: Callable[..., nn.Module] | None = None
     cli_calibration: Callable[..., Iterable[Any]] | None = None
@@ -121,7 +123,7 @@ def register_compressor(
 
     Registering the same entry again is a no-op; another entry under a taken name raises ConfigError.
     `extra` are the optional `Compressor` fields (option_help, manifest, config_key, export_onnx, onnx_options,
-    summarize, cli_model, cli_calibration, cli_evaluate).
+    onnx_model_options, summarize, cli_model, cli_calibration, cli_evaluate).
     """
     name = getattr(config_cls, "method", "")
     if not dataclasses.is_dataclass(config_cls) or not isinstance(config_cls, type):
