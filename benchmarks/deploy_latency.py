@@ -313,8 +313,9 @@ def main(argv: list[str] | None = None) -> None:
             pre if os.path.exists(pre) else paths["float"], args.workdir, calib, names, validation_split(task), sweep
         )
         sweep = {"chosen_on": "validation", "best": best, "settings": sweep}
-    for path in paths.values():  # every file without the torch exporter's per-node metadata (fair bytes)
-        finalize_onnx_(path, int4=False)
+    for name, path in paths.items():  # every file without the torch exporter's per-node metadata (fair bytes);
+        if not name.startswith("thrifty-"):  # thrifty's own files are already compact; the others stay as made
+            finalize_onnx_(path, int4=False, compact=False)
     for name, path in paths.items():
         row = rows.setdefault(name, {})
         row["onnx_accuracy"] = evaluate_onnx(path, test, 64, threads=2)["accuracy"]

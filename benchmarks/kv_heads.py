@@ -177,8 +177,11 @@ def main() -> None:
     train_texts, test_texts = list(pools.train[0]), list(pools.test[0])
     calib = token_stream(tok, train_texts, args.calib_seqs * args.calib_len).view(args.calib_seqs, args.calib_len)
     batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in calib.split(8)]
-    # healing: the same calibration tokens cut into --heal-len sequences, as many as the steps read (one epoch)
-    heal_seqs = calib.reshape(-1, args.heal_len)[: max(1, args.heal_steps * args.heal_batch_size)]
+    # healing: the calibration tokens cut into --heal-len sequences, as many as the steps read (one epoch); a heal
+    # that reads more tokens than the calibration holds continues the same train-pool stream past it
+    need = max(1, args.heal_steps * args.heal_batch_size) * args.heal_len
+    stream = calib.reshape(-1) if need <= calib.numel() else token_stream(tok, train_texts, need)
+    heal_seqs = stream[: need - need % args.heal_len].view(-1, args.heal_len)
     heal_batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in heal_seqs.split(8)]
     evals = {
         "gpl3": tok(Path(GPL3).read_text(), return_tensors="pt").input_ids[0, : args.eval_tokens],
