@@ -156,15 +156,9 @@ def validation_split(task, calib_n: int = 512, n: int = 500, seed: int = 0):
 
 
 def time_forms(paths: dict[str, str], feed_of, threads: int, batch: int, repeats: int) -> dict[str, dict[str, float]]:
-    import onnxruntime as ort
+    from thrifty.compress.quant.onnx_export import ort_session
 
-    sessions = {}
-    for name, path in paths.items():
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        sessions[name] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    sessions = {name: ort_session(path, threads, spinning=False) for name, path in paths.items()}
     feeds = {k: feed_of(s, batch) for k, s in sessions.items()}
     for k, s in sessions.items():
         for _ in range(3):

@@ -57,15 +57,9 @@ def optimized_ops(path: str) -> dict[str, int]:
 
 def latency(paths: dict[str, str], batch: int, tokens: int, repeats: int, threads: int) -> dict[str, dict]:
     """Interleaved timing (rotating order) on one random token batch; seconds."""
-    import onnxruntime as ort
+    from thrifty.compress.quant.onnx_export import ort_session
 
-    sessions = {}
-    for name, path in paths.items():
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3
-        sessions[name] = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    sessions = {name: ort_session(path, threads, spinning=False) for name, path in paths.items()}
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 20000, size=(batch, tokens)).astype(np.int64)
     feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}

@@ -47,6 +47,17 @@ class _Block(nn.Module):
         return x + y if self.skip else y
 
 
+def random_batchnorm_(model: nn.Module, bias_std: float, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters (folding them must matter), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * bias_std)
+
+
 class TinyCNN(Backbone):
     kind = "cnn"
 
@@ -55,13 +66,7 @@ class TinyCNN(Backbone):
         model.stem = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
         model.bn = nn.BatchNorm2d(8)
         model.blocks = nn.ModuleList([_Block(8, 8, 1), _Block(8, 16, 2)])
-        g = torch.Generator().manual_seed(0)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        random_batchnorm_(model, bias_std=0.1)
         super().__init__("tiny-cnn", model, ImagePreprocess(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3), "random")
 
     @property
@@ -99,3 +104,25 @@ def batches(backbone: Backbone, n: int = 3, size: int = 8) -> list:
         if isinstance(x, dict):
             x["attention_mask"][: size // 2, -3:] = 0  # some padding
     return out
+
+
+def export_embedding_lookup(q: nn.Module, ids: torch.Tensor, path: str) -> str:
+    """Export a packed QuantEmbedding alone, `x -> q(x.long())` (input named "x"), with the deployment ops."""
+    from thrifty.compress.quant import embedding
+    from thrifty.compress.quant.int_ops import translation_table
+    from thrifty.compress.quant.onnx_export import export_mode
+
+    class Lookup(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = q
+
+        def forward(self, x):
+            return self.emb(x.long())
+
+    table = {**translation_table(), **embedding.translation_table()}
+    with export_mode(Lookup().eval()) as m, torch.no_grad():
+        torch.onnx.export(
+            m, (ids,), path, dynamo=True, opset_version=21, custom_translation_table=table, input_names=["x"]
+        )
+    return path

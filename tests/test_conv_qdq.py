@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from _ptq_models import batches, tuned
+from _ptq_models import batches, random_batchnorm_, tuned
 from thrifty.backbones.base import Backbone
 from thrifty.backbones.preprocess import ImagePreprocess
 from thrifty.compress import PTQConfig, QwTV2Config, quantize_
@@ -61,13 +61,7 @@ class TinyMBNet(Backbone):
         model.act = nn.ReLU6()
         model.blocks = nn.ModuleList([_MBConv(8, 8, 1), _MBConv(8, 8, 1), _MBConv(8, 16, 2), _MBConv(16, 16, 1)])
         model.head, model.bn_head = nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32)
-        g = torch.Generator().manual_seed(0)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+        random_batchnorm_(model, bias_std=0.3)
         super().__init__(
             "tiny-mbnet", model, ImagePreprocess(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3), "random"
         )

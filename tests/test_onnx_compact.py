@@ -11,10 +11,10 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from _ptq_models import batches, ptq_bert, tuned
+from _ptq_models import batches, export_embedding_lookup, ptq_bert, tuned
 from thrifty.compress import PTQConfig, quantize_
 from thrifty.compress.quant.embedding import QuantEmbedding, gather_blocks, table_block
-from thrifty.compress.quant.onnx_export import export_mode, export_onnx, finalize_onnx_, nbits_block, ort_feed
+from thrifty.compress.quant.onnx_export import export_onnx, finalize_onnx_, nbits_block, ort_feed
 from thrifty.compress.quant.quantizers import half_representable, search_weight
 from thrifty.errors import ConfigError
 
@@ -73,21 +73,7 @@ def test_int4_block_embedding_matches_onnxruntime_and_takes_half_a_byte_per_valu
         assert torch.equal(gather_blocks(q.weight_codes, q.weight_scale, ids, block), ref_table[ids])
     q.pack_()
 
-    class Lookup(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = q
-
-        def forward(self, x):
-            return self.emb(x.long())
-
-    from thrifty.compress.quant import embedding
-    from thrifty.compress.quant.int_ops import translation_table
-
-    path = str(tmp_path / "emb.onnx")
-    with export_mode(Lookup().eval()) as m, torch.no_grad():
-        table = {**translation_table(), **embedding.translation_table()}
-        torch.onnx.export(m, (ids,), path, dynamo=True, opset_version=21, custom_translation_table=table)
+    path = export_embedding_lookup(q, ids, str(tmp_path / "emb.onnx"))
     finalize_onnx_(path)
     graph = onnx.load(path).graph
     inits = {t.name: t for t in graph.initializer}

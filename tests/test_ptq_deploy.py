@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from _ptq_models import batches, ptq_bert, ptq_cnn, tuned
+from _ptq_models import batches, export_embedding_lookup, ptq_bert, ptq_cnn, tuned
 from thrifty.compress import PTQConfig, QwTV2Config, quantize_
 from thrifty.compress.quant.embedding import QuantEmbedding
 from thrifty.compress.quant.int_ops import gather_rows, matmul_nbits, pack_nbits, unpack_nbits
@@ -94,19 +94,7 @@ def test_int8_gather_embedding_equals_dequantized_lookup(tmp_path):
     assert float((table - emb.weight).abs().max()) <= float(scale.max()) / 2 + 1e-7  # it is a quantization
     q.pack_()
 
-    class Lookup(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = q
-
-        def forward(self, x):
-            return self.emb(x.long())
-
-    path = str(tmp_path / "emb.onnx")
-    with export_mode(Lookup()) as m:
-        torch.onnx.export(
-            m, (ids,), path, dynamo=True, opset_version=21, custom_translation_table=_table(), input_names=["x"]
-        )
+    path = export_embedding_lookup(q, ids, str(tmp_path / "emb.onnx"))
     graph = onnx.load(path).graph
     types = {t.name: t.data_type for t in graph.initializer}
     assert [types.get(n.input[0]) for n in graph.node if n.op_type == "Gather"].count(TensorProto.INT8) == 1

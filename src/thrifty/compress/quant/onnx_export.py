@@ -239,13 +239,17 @@ def int4_initializers_(model) -> int:
     return done
 
 
-def ort_session(path: str, threads: int | None = None):
+def ort_session(path: str, threads: int | None = None, spinning: bool = True):
+    """A CPU onnxruntime session; `threads` intra-op threads (one inter-op), `spinning=False` for fair interleaved
+    timing (idle threads sleep instead of spinning)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
