@@ -113,6 +113,11 @@ def test_compaction_is_lossless_and_the_simulation_matches_onnxruntime(bits, tmp
     assert [i.name for i in s.graph.input] == ["input_ids", "attention_mask"] and s.graph.output[0].name == "logits"
     types = collections.Counter(t.data_type for t in s.graph.initializer)
     assert types[TensorProto.FLOAT16] >= 1  # the half_scales are stored as float16
+    if w == 8:  # a static sequence length: only its rows of the int8 position table stay (Slice + Gather folded)
+        positions = model.backbone.model.embeddings.position_embeddings.weight_codes.shape
+        assert not any(list(t.dims) == list(positions) for t in s.graph.initializer)
+        rows = [data[0]["input_ids"].shape[1], positions[1]]
+        assert any(t.data_type == TensorProto.INT8 and list(t.dims)[-2:] == rows for t in s.graph.initializer)
     ops = collections.Counter(n.op_type for n in s.graph.node)
     if w == 4:
         table_ops = [n for n in s.graph.node if n.op_type == "GatherBlockQuantized"]

@@ -5,7 +5,8 @@ What the PyTorch exporter leaves that onnxruntime does not need, and what can be
   KB on MiniLM), doc strings and the `value_info` shape annotations (onnxruntime re-infers shapes at load);
 - `Constant` nodes become initializers, `Identity` nodes are bypassed, identical initializers are shared; nodes
   that only reshuffle initializers (Gather of a quantizer's scalar, Transpose of weight codes, exact Casts,
-  Reshape / Unsqueeze / Squeeze) are evaluated in numpy and replaced by their result where it is no larger
+  Reshape / Unsqueeze / Squeeze, Slice: with a static sequence length the position table shrinks to the rows the
+  graph can read) are evaluated in numpy and replaced by their result where it is no larger
   (onnxruntime folds the same nodes at load: the same values);
 - all-zero optional zero points (MatMulIntegerToFloat's, where zero is the default) and MatMulNBits' all-8 zero
   points (the default) are dropped;
@@ -137,6 +138,13 @@ def _evaluate(node, args: list[np.ndarray]) -> np.ndarray | None:
     if op == "Reshape" and not attrs.get("allowzero", 0):
         shape = [args[0].shape[i] if d == 0 else int(d) for i, d in enumerate(args[1].tolist())]
         return args[0].reshape(shape)
+    if op == "Slice":  # e.g. position_ids[:, :T] of a graph with a static sequence length
+        axes = args[3].tolist() if len(args) > 3 else list(range(len(args[1])))
+        steps = args[4].tolist() if len(args) > 4 else [1] * len(axes)
+        index = [slice(None)] * args[0].ndim
+        for axis, start, end, step in zip(axes, args[1].tolist(), args[2].tolist(), steps, strict=True):
+            index[int(axis)] = slice(int(start), int(end), int(step))  # numpy clamps as ONNX does
+        return args[0][tuple(index)]
     if op == "Unsqueeze":
         return np.expand_dims(args[0], tuple(int(a) for a in args[1].tolist()))
     if op == "Squeeze":
