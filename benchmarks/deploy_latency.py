@@ -111,6 +111,16 @@ ORT_SWEEP = {  # name -> quantize_static options (QDQ; calibration: the CLI's 51
     ),
     "u8-s8pc-entropy": dict(activation_type="QUInt8", per_channel=True, calibrate_method="Entropy"),
     "u8-s8pc-percentile": dict(activation_type="QUInt8", per_channel=True, calibrate_method="Percentile"),
+    # the usual transformer recipe: only the MatMul / Gemm inputs quantized (adds, softmax, LayerNorm stay float)
+    "u8-s8pc-minmax-matmul": dict(
+        activation_type="QUInt8", per_channel=True, calibrate_method="MinMax", op_types_to_quantize=["MatMul", "Gemm"]
+    ),
+    "u8-s8pc-percentile-matmul": dict(
+        activation_type="QUInt8",
+        per_channel=True,
+        calibrate_method="Percentile",
+        op_types_to_quantize=["MatMul", "Gemm"],
+    ),
 }
 
 

@@ -155,21 +155,26 @@ def test_conv_output_quant_rebuilds_from_spec_and_state_dict():
         assert torch.equal(fresh(data[0]), model(data[0]))
 
 
-@pytest.mark.parametrize("backbone", ["cifar-resnet:8", "timm:test_vit"])
-def test_cli_onnx_picks_the_qlinearconv_form_for_cnns_only(backbone, tmp_path):
+@pytest.mark.parametrize(
+    ("backbone", "method"), [("cifar-resnet:8", "ptq"), ("cifar-resnet:8", "qwt_v2"), ("timm:test_vit", "ptq")]
+)
+def test_cli_onnx_picks_the_qlinearconv_form_for_cnns_only(backbone, method, tmp_path):
     """`thrifty quantize --onnx` at W8A8: a CNN backbone gets conv_output_quant (its convs run as QLinearConv),
-    a ViT keeps the default; `--set conv_output_quant=false` opts a CNN out."""
+    a ViT keeps the default; `--set conv_output_quant=false` opts a CNN out; --calib-samples still reaches the
+    compensation's config."""
     from thrifty.cli.main import main
     from thrifty.io import read_json
 
     common = ["--image-size", "16", "--data", "digits:1k", "--test-size", "20", "--calib-samples", "8"]
-    common += ["--batch-size", "8", "--method", "ptq", "--bits", "w8a8", "--onnx", "--no-progress"]
+    common += ["--batch-size", "8", "--method", method, "--bits", "w8a8", "--onnx", "--no-progress"]
     extra = ["--random-init"] if backbone.startswith("timm:") else []
     for name, opt in (("auto", []), ("off", ["--set", "conv_output_quant=false"])):
         out = tmp_path / name
         with pytest.warns(UserWarning, match="untrained head"):
             assert main(["quantize", "--backbone", backbone, *extra, *common, *opt, "--output", str(out)]) == 0
-        chosen = read_json(str(out / "quantize_config.json"))["quant_config"]["conv_output_quant"]
+        config = read_json(str(out / "quantize_config.json"))["quant_config"]
+        chosen = config.get("base_config", config)["conv_output_quant"]
+        assert config.get("calib_samples", 8) == 8
         _, ops = _optimized(str(out / "model.onnx"), tmp_path)
         expect = backbone.startswith("cifar") and name == "auto"
         assert chosen is expect

@@ -158,9 +158,14 @@ def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typ
     entry = get_compressor(method)
     if args.onnx:  # compress for the engine: e.g. integer-kernel attention probabilities
         options = {**{k: v for k, v in entry.onnx_options.items() if k not in options}, **options}
-    config = make_compressor_config(method, options)
-    if "calib_samples" in {f.name for f in dataclasses.fields(config)} and "calib_samples" not in options:
-        config = dataclasses.replace(config, calib_samples=args.calib_samples)
+
+    def build_config(options: dict[str, typing.Any]) -> typing.Any:
+        config = make_compressor_config(method, options)
+        if "calib_samples" in {f.name for f in dataclasses.fields(config)} and "calib_samples" not in options:
+            config = dataclasses.replace(config, calib_samples=args.calib_samples)
+        return config
+
+    config = build_config(options)
     if args.onnx and entry.export_onnx is None:
         exporters = [n for n in available_compressors() if get_compressor(n).export_onnx is not None]
         raise ConfigError(f"--onnx: {method} has no ONNX export (compressors that export: {', '.join(exporters)})")
@@ -181,7 +186,7 @@ def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typ
         extra = {k: v for k, v in entry.onnx_model_options(model, config).items() if k not in options}
         if extra:
             options = {**options, **extra}
-            config = make_compressor_config(method, options)
+            config = build_config(options)
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     evaluate = entry.cli_evaluate or default_evaluate
     results: dict[str, typing.Any] = {"backbone": spec.name, "data": task.name, "method": method}
