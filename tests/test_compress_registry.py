@@ -271,3 +271,23 @@ def test_new_compressor_flags_and_cli_hooks_work_without_editing_the_cli(adapter
             assert code == 2 and message.split(".*")[0] in err, err
     finally:
         unregister_compressor(name)
+
+
+def test_compress_cli_evaluates_with_its_batch_size(adapter, tmp_path, capsys, monkeypatch):
+    """--batch-size is also the evaluation batch (a causal LM's eval holds batch x tokens x vocab logits)."""
+    import thrifty.train
+
+    seen = []
+    real = thrifty.train.evaluate
+
+    def spy(model, split, batch_size, **kw):
+        seen.append(batch_size)
+        return real(model, split, batch_size, **kw)
+
+    monkeypatch.setattr(thrifty.train, "evaluate", spy)
+    argv = [a if a != "8" else "4" for a in _common(adapter)]  # --batch-size 4 (no other flag takes the value 8)
+    code, _, err = run_cli(
+        capsys, "compress", *argv, "--method", "ptq", "--bits", "w8a8", "--eval", "--output", str(tmp_path / "c")
+    )
+    assert code == 0, err
+    assert seen == [4, 4]  # the float and the compressed model

@@ -45,7 +45,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """The flags `thrifty compress` and `thrifty quantize` share."""
     p.add_argument("--adapter", help="fine-tuned adapter directory (LoRA is merged first); default: untrained head")
     p.add_argument("--calib-samples", type=int, default=512, help="training-split samples used for calibration")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="calibration and evaluation batch (a causal LM's eval holds batch x tokens x vocab logits: lower it "
+        "for long --max-length)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the 1k split draw and the calibration sample")
     p.add_argument("--output", required=True, help="output directory")
     p.add_argument(
@@ -135,17 +141,18 @@ def default_model(backbone, task, adapter: str | None, seed: int = 0):
         return get_tuned_model(backbone, make_config("full"), task.num_classes)
 
 
-def default_evaluate(model, task) -> dict[str, typing.Any]:
+def default_evaluate(model, task, batch_size: int = 32) -> dict[str, typing.Any]:
     from thrifty.compress.progress import progress_enabled
     from thrifty.train import evaluate
 
-    return evaluate(model, task.split("test"), 64, progress=progress_enabled(), desc="eval test")
+    return evaluate(model, task.split("test"), batch_size, progress=progress_enabled(), desc="eval test")
 
 
 def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typing.Any]) -> dict[str, typing.Any]:
     """Build the model and calibration batches, `compress_`, save to args.output; returns the results dict (with
     the seconds of each step and the bytes written). Steps report progress on stderr (thrifty.compress.progress)."""
     import dataclasses
+    import functools
     import time
 
     from thrifty.backbones import load_backbone
@@ -188,7 +195,7 @@ def run_compressor(args: argparse.Namespace, method: str, options: dict[str, typ
             options = {**options, **extra}
             config = build_config(options)
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    evaluate = entry.cli_evaluate or default_evaluate
+    evaluate = entry.cli_evaluate or functools.partial(default_evaluate, batch_size=args.batch_size)
     results: dict[str, typing.Any] = {"backbone": spec.name, "data": task.name, "method": method}
     results.update(options=options, calib_samples=args.calib_samples, adapter=args.adapter)
     if args.eval:
