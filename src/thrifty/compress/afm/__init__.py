@@ -11,7 +11,6 @@ choices made where the paper is silent, and the benchmarks.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -25,42 +24,11 @@ from thrifty.compress.afm.stats import FeatureStats, eig_desc
 from thrifty.compress.registry import register_compressor
 
 
-class _DictInputs(nn.Module):
-    """Positional tensors -> the dict a thrifty model reads (ONNX graphs take named positional inputs)."""
-
-    def __init__(self, model: nn.Module, keys: list[str]):
-        super().__init__()
-        self.model, self.keys = model, keys
-
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.model(dict(zip(self.keys, tensors)))
-
-
 def export_onnx(model: nn.Module, path: str, example_inputs: Any, opset: int = 18) -> str:
     """Float ONNX graph with a dynamic batch axis (CTR: one int64 input per field; text: ids + mask)."""
-    model = model.eval()
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    if isinstance(example_inputs, dict):
-        keys = list(example_inputs)
-        module, args = _DictInputs(model, keys).eval(), tuple(example_inputs[k] for k in keys)
-    else:
-        keys, module, args = ["x"], model, (example_inputs,)
-    dynamic = (tuple({0: batch} for _ in keys),) if isinstance(example_inputs, dict) else ({0: batch},)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with torch.no_grad():
-        torch.onnx.export(
-            module,
-            args,
-            path,
-            dynamo=True,
-            opset_version=opset,
-            input_names=keys,
-            output_names=["logits"],
-            dynamic_shapes=dynamic,
-            external_data=False,
-            verbose=False,
-        )
-    return path
+    from thrifty.compress.onnx_graph import export_graph
+
+    return export_graph(model.eval(), path, example_inputs, opset=opset, optimize=True)
 
 
 def summarize(model: nn.Module) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
@@ -107,17 +106,6 @@ def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int | No
             del m.nbits_config
 
 
-class _TextInputs(nn.Module):
-    """(input_ids, attention_mask) positional inputs for a model that takes a dict."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model({"input_ids": input_ids, "attention_mask": attention_mask})
-
-
 def _skip_requantized_outputs(model: nn.Module) -> list[nn.Module]:
     """8-bit q / k (/ v with integer P V) projection outputs of Hugging Face attention feed only `qmatmul`, whose
     QuantizeLinear gives the same codes (8-bit saturation is the quantizer's clamp): their Q/DQ pair is dropped."""
@@ -152,20 +140,12 @@ def export_onnx(
     """Export `model` (a converted, packed quantized model) with a dynamic batch axis; returns `path`.
     `int_kernels`: the deployment graph (else plain QDQ); `block_size` (None: `nbits_block`), `accuracy_level`:
     MatMulNBits'; `compact`: onnx_compact's size reductions (short names, float16-exact scales)."""
+    from thrifty.compress.onnx_graph import export_graph
     from thrifty.compress.quant import embedding
     from thrifty.compress.quant.conv_qdq import translation_table as conv_qdq_table
     from thrifty.compress.quant.int_ops import translation_table
 
     model = model.eval()
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    if isinstance(example_inputs, dict):
-        module: nn.Module = _TextInputs(model).eval()
-        args = (example_inputs["input_ids"], example_inputs["attention_mask"])
-        names = ["input_ids", "attention_mask"]
-        dynamic = {"input_ids": {0: batch}, "attention_mask": {0: batch}}
-    else:
-        module, args, names, dynamic = model, (example_inputs,), ["x"], {"x": {0: batch}}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     table = {
         torch.ops.thrifty.dequantize_per_channel.default: _dequantize_onnx,
         torch.ops.thrifty.fake_quant_uint8.default: _fake_quant_onnx,
@@ -173,22 +153,10 @@ def export_onnx(
         **conv_qdq_table(),
         **embedding.translation_table(),
     }
-    mode = export_mode(model, int_kernels, block_size, accuracy_level)
-    with mode, torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
-        torch.onnx.export(
-            module,
-            args,
-            path,
-            dynamo=True,
-            opset_version=opset,
-            input_names=names,
-            output_names=["logits"],
-            dynamic_shapes=dynamic,
-            custom_translation_table=table,
-            external_data=False,
-            optimize=optimize,
-            verbose=False,
+    keys = ["input_ids", "attention_mask"] if isinstance(example_inputs, dict) else None
+    with export_mode(model, int_kernels, block_size, accuracy_level):
+        export_graph(
+            model, path, example_inputs, opset=opset, keys=keys, max_batch=4096, table=table, optimize=optimize
         )
     finalize_onnx_(path, int4=int_kernels, compact=compact)
     return path
