@@ -23,82 +23,39 @@ import dataclasses
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 
-from thrifty.backbones import Backbone, BackboneSpec, load_backbone
+from thrifty.backbones import Backbone, BackboneSpec
 from thrifty.data import TaskData, balanced_subsets, load_data
 from thrifty.errors import ConfigError, ResultsExistError
 from thrifty.io import read_json, write_json
 from thrifty.longtail.merge import average_states, greedy_soup
-from thrifty.longtail.stage2 import Stage2Config, retrain_classifier
+from thrifty.longtail.plan import (
+    METRICS,
+    PLAN,
+    SUBSETS,
+    BTMConfig,
+    build_backbone,
+    objective_spec,
+    rank,
+    read_json_roundtrip,
+    stage_complete,
+    stage_results,
+    train_device,
+    train_dict,
+    train_seconds,
+)
+from thrifty.longtail.stage2 import retrain_classifier
 from thrifty.objectives import LongTailObjective, make_objective
 from thrifty.train import TrainConfig, Trainer, evaluate
 from thrifty.train.distributed import barrier, init_distributed
 from thrifty.train.run import finish_run, run_training, use_feature_cache
 from thrifty.train.trainer import RESULTS_NAME, Member
 from thrifty.tuners import TunedModel, get_method, get_tuned_model, make_config
-
-
-PLAN = "plan.json"
-SUBSETS = "subsets.json"
-METRICS = (
-    "mean_class_accuracy",
-    "hmean",
-    "gmean",
-    "worst_class_accuracy",
-    "many_accuracy",
-    "medium_accuracy",
-    "few_accuracy",
-    "accuracy",
-)
-
-
-@dataclass
-class BTMConfig:
-    """M subsets of K per class; merge `uniform` (BTM's reported merge) or `greedy` (its disabled `model_scoup`,
-    selecting on `soup_role` by `soup_metric`); `stage2` None skips classifier re-training; `workers` processes."""
-
-    subsets: int = 10
-    per_class: int = 10
-    merge: str = "uniform"
-    soup_role: str = "val"
-    soup_metric: str = "gmean"
-    stage2: Stage2Config | None = field(default_factory=Stage2Config)
-    workers: int = 1
-
-    def __post_init__(self) -> None:
-        if self.subsets < 1 or self.per_class < 1:
-            raise ConfigError(f"BTM needs subsets >= 1 and per_class >= 1, got {self.subsets}, {self.per_class}")
-        if self.merge not in ("uniform", "greedy"):
-            raise ConfigError(f"BTM merge must be 'uniform' or 'greedy', got {self.merge!r}")
-        if self.soup_role not in ("val", "train"):
-            raise ConfigError(f"soup_role must be 'val' or 'train', got {self.soup_role!r}")
-        if self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers}")
-        if isinstance(self.stage2, dict):
-            self.stage2 = Stage2Config(**self.stage2)
-
-
-def build_backbone(spec: str | BackboneSpec | dict) -> Backbone:
-    """Load a backbone from a spec (string, BackboneSpec or its dict)."""
-    return load_backbone(BackboneSpec.from_dict(spec) if isinstance(spec, dict) else spec)
-
-
-def _train_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
-def _objective_spec(objective: Any) -> str:
-    """An objective as a spec string (`long_tail:mixup=0.2`), so worker processes rebuild it."""
-    if objective is None or isinstance(objective, str):
-        return objective or "long_tail"
-    opts = [f"{f.name}={getattr(objective, f.name)}" for f in dataclasses.fields(objective) if f.init]
-    opts = [o for o in opts if not o.endswith("=None")]
-    return f"{objective.name}:" + ",".join(o.replace(" ", "") for o in opts)
 
 
 class BTMRun:
@@ -144,11 +101,11 @@ class BTMRun:
             "data": data,
             "method": method,
             "overrides": {k: str(v) for k, v in (overrides or {}).items()},
-            "objective": _objective_spec(objective),
-            "stage1": _train_dict(stage1),
-            "finetune": _train_dict(finetune or stage1),
+            "objective": objective_spec(objective),
+            "stage1": train_dict(stage1),
+            "finetune": train_dict(finetune or stage1),
             # MiSLAS stage 2: 10 epochs, classifier lr x 0.05
-            "stage2_train": _train_dict(stage2 or dataclasses.replace(stage1, epochs=10, lr=stage1_lr * 0.05)),
+            "stage2_train": train_dict(stage2 or dataclasses.replace(stage1, epochs=10, lr=stage1_lr * 0.05)),
             "btm": asdict(config),
             "theta0": os.path.abspath(theta0) if theta0 else None,
             "split_seed": stage1.seed if split_seed is None else split_seed,
@@ -157,7 +114,7 @@ class BTMRun:
         }
         plan = read_json_roundtrip(plan)
         path = os.path.join(output_dir, PLAN)
-        if _rank() != 0:  # under torchrun rank 0 checks and writes the plan; the others only read their arguments
+        if rank() != 0:  # under torchrun rank 0 checks and writes the plan; the others only read their arguments
             return cls(output_dir, plan)
         if os.path.exists(path):
             if overwrite:
@@ -221,7 +178,7 @@ class BTMRun:
         return self.plan["theta0"] or self.path("stage1")
 
     def stage1(self) -> None:
-        if self.plan["theta0"] or _complete(self.theta0_dir):
+        if self.plan["theta0"] or stage_complete(self.theta0_dir):
             return
         bb, _ = self.context()
         run_training(
@@ -253,7 +210,7 @@ class BTMRun:
     def finetune(self, m: int) -> None:
         """Fine-tune theta0 on subset m (resumes its checkpoint); writes subset<m>/."""
         out = self.path(f"subset{m}")
-        if _complete(out):
+        if stage_complete(out):
             return
         _, task = self.context()
         idx = self.subsets()[m]
@@ -276,18 +233,18 @@ class BTMRun:
             obj,
             fit,
             {},
-            _device(cfg),
+            train_device(cfg),
             False,
             {"btm_stage": f"subset{m}", "subset_size": len(idx)},
         )
 
     def run_subsets(self) -> None:
-        pending = [m for m in range(self.config.subsets) if not _complete(self.path(f"subset{m}"))]
+        pending = [m for m in range(self.config.subsets) if not stage_complete(self.path(f"subset{m}"))]
         world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         if world > 1:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             if torch.cuda.is_available() and self.stage1_cfg.device in ("auto", "cuda"):
-                torch.cuda.set_device(local)  # one GPU per rank
+                torch.cuda.settrain_device(local)  # one GPU per rank
             for m in pending[rank::world]:
                 self.finetune(m)
             self._sync()
@@ -302,7 +259,7 @@ class BTMRun:
 
     def merge(self) -> None:
         out = self.path("merged")
-        if _complete(out):
+        if stage_complete(out):
             return
         dirs = [self.path(f"subset{m}") for m in range(self.config.subsets)]
         model = self.load_model(dirs[0])
@@ -337,12 +294,12 @@ class BTMRun:
         )
 
     def _evaluate(self, model, split, obj) -> dict[str, Any]:
-        return evaluate(model, split, self.stage1_cfg.eval_bs, _device(self.stage1_cfg), objective=obj)
+        return evaluate(model, split, self.stage1_cfg.eval_bs, train_device(self.stage1_cfg), objective=obj)
 
     def stage2(self) -> None:
         s2 = self.config.stage2
         out = self.path("stage2")
-        if s2 is None or _complete(out):
+        if s2 is None or stage_complete(out):
             return
         retrain_classifier(
             self.load_model(self.path("merged")),
@@ -362,7 +319,7 @@ class BTMRun:
             step()
             self._sync()  # torchrun: rank 0's stage-1 files and subsets.json exist before anyone reads them
             times[name] = time.perf_counter() - t0
-        if _rank() != 0:
+        if rank() != 0:
             return {}
         for name, step in (("merge", self.merge), ("stage2", self.stage2)):
             t0 = time.perf_counter()
@@ -373,13 +330,13 @@ class BTMRun:
     def _sync(self) -> None:
         """A barrier across torchrun ranks (a no-op in one process)."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            barrier(init_distributed(_device(self.stage1_cfg)))
+            barrier(init_distributed(train_device(self.stage1_cfg)))
 
     def summarize(self, session_seconds: dict[str, float]) -> dict[str, Any]:
         """results.json: final metrics (stage 2, else merged), every stage's metrics and training seconds."""
 
         def metrics(d: str) -> dict[str, Any]:
-            return _results(d).get("metrics", {})
+            return stage_results(d).get("metrics", {})
 
         subs = [metrics(self.path(f"subset{m}")) for m in range(self.config.subsets)]
         under = {}
@@ -391,9 +348,9 @@ class BTMRun:
             under["test_per_class_accuracy"] = np.mean(np.array(pcs, float), 0).tolist()
         final_dir = self.path("stage2") if self.config.stage2 is not None else self.path("merged")
         seconds = {
-            "stage1": _train_seconds(self.theta0_dir),
-            "finetune": sum(_train_seconds(self.path(f"subset{m}")) for m in range(self.config.subsets)),
-            "stage2": _train_seconds(self.path("stage2")) if self.config.stage2 is not None else 0.0,
+            "stage1": train_seconds(self.theta0_dir),
+            "finetune": sum(train_seconds(self.path(f"subset{m}")) for m in range(self.config.subsets)),
+            "stage2": train_seconds(self.path("stage2")) if self.config.stage2 is not None else 0.0,
         }
         results = {
             "status": "complete",
@@ -412,38 +369,6 @@ class BTMRun:
         }
         write_json(self.path(RESULTS_NAME), results)
         return results
-
-
-def read_json_roundtrip(obj: dict[str, Any]) -> dict[str, Any]:
-    """`obj` as it reads back from JSON (so a resumed plan compares equal)."""
-    import json
-
-    return json.loads(json.dumps(obj, sort_keys=True))
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _results(directory: str) -> dict[str, Any]:
-    """results.json of a stage directory ({} when absent: the stage has not finished)."""
-    path = os.path.join(directory, RESULTS_NAME)
-    return read_json(path) if os.path.isfile(path) else {}
-
-
-def _complete(directory: str) -> bool:
-    return _results(directory).get("status") == "complete"
-
-
-def _train_seconds(directory: str) -> float:
-    hist = _results(directory).get("history") or []
-    return float(sum(h.get("seconds", 0.0) for h in hist))
-
-
-def _device(cfg: TrainConfig) -> torch.device:
-    from thrifty.runtime import resolve_device
-
-    return resolve_device(cfg.device)
 
 
 __all__ = ["BTMConfig", "BTMRun", "build_backbone"]
