@@ -14,22 +14,14 @@ from thrifty.backbones import Backbone, BackboneSpec, load_backbone
 from thrifty.errors import ConfigError
 from thrifty.io import read_json
 from thrifty.longtail.stage2 import Stage2Config
+from thrifty.objectives import LongTailObjective
 from thrifty.train import TrainConfig
 from thrifty.train.trainer import RESULTS_NAME
 
 
 PLAN = "plan.json"
 SUBSETS = "subsets.json"
-METRICS = (
-    "mean_class_accuracy",
-    "hmean",
-    "gmean",
-    "worst_class_accuracy",
-    "many_accuracy",
-    "medium_accuracy",
-    "few_accuracy",
-    "accuracy",
-)
+METRICS = tuple(m for m in LongTailObjective.metric_names if m != "loss")  # what every stage reports
 
 
 @dataclass
