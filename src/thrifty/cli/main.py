@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from thrifty.cli.common import parse_with_config
+    from thrifty.runtime.quiet import quiet_known_warnings
 
+    quiet_known_warnings()
     parser = build_parser()
     try:
         args = parse_with_config(parser, argv)
