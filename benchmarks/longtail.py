@@ -295,6 +295,31 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PLOTTED = ("ce", "logit-adjust", "crt", "undersample", "btm")
+
+
+def per_class_plot(task: str, rows: dict[str, Any], counts: list[int] | None, folder: str) -> str:
+    """Per-class test accuracy bars of the PLOTTED rows (mean over seeds), classes head to tail."""
+    from thrifty.bench.plots import plot_per_class
+
+    series = {n: rows[n]["per_class"] for n in PLOTTED if rows.get(n, {}).get("per_class")}
+    path = os.path.join(folder, f"longtail_per_class_{task}.png")
+    return plot_per_class(series, counts, path, f"{task}: per-class test accuracy (mean over seeds)")
+
+
+def replot(paths: list[str], folder: str) -> None:
+    """Redraw the per-class plots from result JSONs (rows of later files win); training counts from the data."""
+    rows: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        for task, r in read_json(path)["results"].items():
+            rows.setdefault(task, {}).update(r["rows"])
+    for task, task_rows in rows.items():
+        cfg = TASKS[task]
+        data = load_data(cfg["data"], build_backbone(cfg["backbone"]).preprocess, seed=0, test_size=cfg["test_size"])
+        labels = np.asarray(data.split("train").labels, np.int64)
+        print(per_class_plot(task, task_rows, np.bincount(labels, minlength=data.num_classes).tolist(), folder))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -310,8 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: no oversubscription on a busy box)")
     p.add_argument("--finetune-lr", type=float, default=None, help="BTM subset fine-tune lr (default: the task's)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="BTM subset fine-tune epochs (default: task's)")
+    p.add_argument(
+        "--replot",
+        nargs="+",
+        metavar="JSON",
+        help="only redraw the per-class plots (into --plots) from result JSONs; a later file's rows replace an "
+        "earlier one's (e.g. longtail.json, then longtail_btm_valpick.json)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.replot:
+        replot(args.replot, args.plots or "docs/benchmarks")
+        return 0
     tasks = {"digits-lt10": SMOKE} if args.smoke else {t: TASKS[t] for t in args.tasks.split(",")}
     if args.finetune_lr is not None or args.finetune_epochs is not None:  # e.g. the recipe benchmarks/btm_pilot.py
         tasks = {  # selects on val; use a fresh --out for the btm rows (a BTM plan must match on resume)
@@ -345,21 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             "per_seed": per_seed,
         }
         if args.plots:
-            from thrifty.bench.plots import plot_per_class
-
             first = _read(Bench(args.out, task, cfg, seeds[0], btm).dir("ce"))
-            counts = first.get("objective", {}).get("train_counts")
-            series = {
-                n: s["per_class"]
-                for n, s in results[task]["rows"].items()
-                if s.get("per_class") and n in ("ce", "logit-adjust", "crt", "undersample", "btm")
-            }
-            plot_per_class(
-                series,
-                counts,
-                os.path.join(args.plots, f"longtail_per_class_{task}.png"),
-                f"{task}: per-class test accuracy (mean over seeds)",
-            )
+            per_class_plot(task, results[task]["rows"], first.get("objective", {}).get("train_counts"), args.plots)
     md = table(results)
     print(md)
     payload = {
