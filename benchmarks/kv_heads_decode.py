@@ -4,10 +4,11 @@ RoPE keys), greedy decoding with the KV cache, at 1k and 2k tokens of context, b
 Protocol (per model and context length): one prefill of the first `ctx - 1` GPL-3 tokens at batch 1 fills a
 transformers `DynamicCache`; every measurement starts from a fresh copy of that cache repeated to the batch size
 (decoding does not depend on the cache's contents, and this avoids prefilling batch 8), feeds token `ctx` and decodes
-`--new-tokens` tokens greedily (argmax of the last logits, fed back; the model's own forward with
-`past_key_values`, use_cache=True, as `generate` does). Tokens/s = batch x new tokens / wall time of the decode
-loop. Repetitions are interleaved: in every repetition each (context, batch) setting runs both models back to back,
-alternating which goes first; the table gives the median and the minimum-time (best) rate over repetitions.
+`--new-tokens` tokens greedily (argmax of the last logits, fed back; the model's own forward with the cache,
+`cache=` or `past_key_values=` before transformers 5.2x, use_cache=True, as `generate` does). Tokens/s = batch x
+new tokens / wall time of the decode loop. Repetitions are interleaved: in every repetition each (context, batch)
+setting runs both models back to back, alternating which goes first; the table gives the median and the
+minimum-time (best) rate over repetitions.
 
 KV-cache bytes per token are counted on the prefilled cache (float32 here) and given for bf16/fp16 as well.
 The box is a 2-core CPU shared with other jobs: the load average before and after is recorded, and the numbers are
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import os
 import statistics as stats_lib
 import subprocess
@@ -49,6 +51,11 @@ def load_line() -> dict[str, Any]:
     return {"uptime": out, "loadavg": [round(x, 2) for x in os.getloadavg()], "time": time.strftime("%H:%M:%S")}
 
 
+def cache_kwargs(model: torch.nn.Module, cache: object) -> dict[str, object]:
+    """The KV cache argument of the model's forward: `cache` (transformers >= 5.2x), `past_key_values` before."""
+    return {"cache": cache} if "cache" in inspect.signature(model.forward).parameters else {"past_key_values": cache}
+
+
 @torch.no_grad()
 def prefill(model: torch.nn.Module, ids: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
     """Run `ids` (T,) at batch 1 with the cache; returns the per-layer (keys, values) and the seconds it took."""
@@ -56,7 +63,7 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor) -> tuple[list[tuple[torch
 
     cache = DynamicCache(config=model.config)
     t = time.perf_counter()
-    model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+    model(input_ids=ids[None], use_cache=True, **cache_kwargs(model, cache))
     seconds = time.perf_counter() - t
     return [(layer.keys, layer.values) for layer in cache.layers], seconds
 
@@ -73,7 +80,7 @@ def decode(
     out = []
     t = time.perf_counter()
     for _ in range(new_tokens):
-        logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=tok, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1]
         tok = logits.argmax(-1, keepdim=True)
         out.append(int(tok[0, 0]))
     return time.perf_counter() - t, out
