@@ -97,6 +97,24 @@ def ort_quantizers(float_path: str, work: str, calib_batches, names) -> dict[str
     return out
 
 
+def ort_int4(float_path: str, work: str) -> dict[str, str]:
+    """onnxruntime's own weight-only int4 quantizer (MatMulNBitsQuantizer, its defaults: block 128, asymmetric,
+    MatMul weights only) and the same with the Gather tables too (GatherBlockQuantized, where the model has them)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    out = {}
+    for name, ops in (("ort-int4", None), ("ort-int4-gather", ("MatMul", "Gather"))):
+        path = os.path.join(work, f"{name}.onnx")
+        if not os.path.exists(path):
+            kw = {} if ops is None else {"op_types_to_quantize": ops, "quant_axes": (("MatMul", 0), ("Gather", 1))}
+            q = MatMulNBitsQuantizer(onnx.load(float_path), bits=4, block_size=128, **kw)
+            q.process()
+            q.model.save_model_to_file(path, use_external_data_format=False)
+        out[name] = path
+    return out
+
+
 ORT_SWEEP = {  # name -> quantize_static options (QDQ; calibration: the CLI's 512 samples)
     "u8-s8pc-minmax": dict(activation_type="QUInt8", per_channel=True, calibrate_method="MinMax"),
     "u8-s8pt-minmax": dict(activation_type="QUInt8", per_channel=False, calibrate_method="MinMax"),
@@ -254,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         help="thrifty's 8-bit-activation forms with PTQConfig(conv_output_quant=True) (QLinearConv / QLinearAdd)",
     )
     p.add_argument(
+        "--ort-int4", action="store_true", help="also onnxruntime's weight-only int4 quantizer (MatMulNBits)"
+    )
+    p.add_argument(
         "--ort-sweep", action="store_true", help="also ORT quantize_static's best setting of ORT_SWEEP (chosen on val)"
     )
     p.add_argument("--note", default="", help="a note stored with the case (e.g. the machine's load)")
@@ -316,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     names = [i.name for i in __import__("onnxruntime").InferenceSession(paths["float"]).get_inputs()]
     paths.update(ort_quantizers(paths["float"], args.workdir, calib, names))
+    if args.ort_int4:
+        paths.update(ort_int4(paths["float"], args.workdir))
     sweep: dict[str, Any] = {}
     if args.ort_sweep:
         pre = os.path.join(args.workdir, "float-pre.onnx")
