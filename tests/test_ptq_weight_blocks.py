@@ -126,3 +126,20 @@ def test_block_scales_save_load_bit_exact(method, tmp_path, monkeypatch):
     with torch.no_grad():
         for x in data:
             np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+
+def test_block_scales_plain_qdq_export_is_a_blocked_dequantize_linear(tmp_path):
+    model, data = _quantized(PTQConfig(w_bits=4, a_bits=8, weight_block_size=16, embedding_bits=None))
+    path = export_onnx(model, str(tmp_path / "qdq.onnx"), data[0], int_kernels=False)
+    blocked = [
+        n
+        for n in onnx.load(path).graph.node
+        if n.op_type == "DequantizeLinear" and any(a.name == "block_size" and a.i == 16 for a in n.attribute)
+    ]
+    assert len(blocked) == len(_block_layers(model))
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for x in data:
+        with torch.no_grad():
+            ref = model(x)
+        out = torch.from_numpy(sess.run(["logits"], ort_feed(x))[0])
+        assert float(((out - ref).abs().amax(-1) / ref.abs().amax(-1).clamp_min(1e-6)).max()) < 1e-4
