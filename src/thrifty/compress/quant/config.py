@@ -89,6 +89,13 @@ class PTQConfig(_QuantConfig):
     embedding_block_size: int = field(
         default=128, metadata={"help": "<= 4-bit tables: values per scale along a row (power of 2, >= 16)"}
     )
+    weight_block_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "<= 4-bit Linear weights: one scale per block of this many inputs along a row (power of 2, "
+            ">= 16, dividing in_features; the ONNX export's MatMulNBits block); None = one scale per output channel"
+        },
+    )
     half_params: bool = field(
         default=True,
         metadata={
@@ -130,6 +137,20 @@ class PTQConfig(_QuantConfig):
         check(
             self.embedding_block_size >= 16 and self.embedding_block_size & (self.embedding_block_size - 1) == 0,
             f"`embedding_block_size` must be a power of 2 >= 16, got {self.embedding_block_size!r}",
+        )
+        check(
+            self.weight_block_size is None
+            or (
+                isinstance(self.weight_block_size, int)
+                and self.weight_block_size >= 16
+                and self.weight_block_size & (self.weight_block_size - 1) == 0
+            ),
+            f"`weight_block_size` must be None or a power of 2 >= 16, got {self.weight_block_size!r}",
+        )
+        check(
+            self.weight_block_size is None or self.w_bits <= 4,
+            f"`weight_block_size` applies to <= 4-bit weights (MatMulNBits); w_bits={self.w_bits}: set "
+            "weight_block_size=None or w_bits <= 4",
         )
         check(
             self.edge_bits is None or self.edge_bits in SUPPORTED_BITS,

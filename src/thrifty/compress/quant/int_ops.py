@@ -145,22 +145,29 @@ def pack_nbits(
     """Per-channel 4-bit codes (N, K) (int8 in [-7, 7] when symmetric, uint8 in [0, 15] with zero points otherwise)
     and scales (N,) -> MatMulNBits (B (N, n_blocks, block_size / 2) uint8, scales (N * n_blocks,), zero points
     (N * ceil(n_blocks / 2),) uint8; 8 for symmetric codes). Every block of row n gets scale[n]:
-    a per-channel scale is the block-wise format with equal blocks (a folded CWAC a_n is in scale[n])."""
+    a per-channel scale is the block-wise format with equal blocks (a folded CWAC a_n is in scale[n]).
+    Block scales (scale and zero_point (N, K / block_size), `weight_block_size`) are written as they are."""
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"MatMulNBits block_size must be a power of 2 >= 16, got {block_size}")
     n, k = codes.shape
     blocks = math.ceil(k / block_size)
+    if scale.dim() == 2 and (k % block_size or scale.shape != (n, blocks)):
+        raise ValueError(f"pack_nbits: block scales {tuple(scale.shape)} do not fit K={k} in blocks of {block_size}")
+    per_block = scale.dim() == 2
     if symmetric:
-        q, zp = codes.to(torch.int16) + 8, torch.full((n,), 8, dtype=torch.int16)
+        q, zp = codes.to(torch.int16) + 8, torch.full((n, blocks) if per_block else (n,), 8, dtype=torch.int16)
     else:
         q, zp = codes.to(torch.int16), zero_point.to(torch.int16)
-    full = zp[:, None].expand(n, blocks * block_size).clone()  # K padding: the zero point (value 0)
-    full[:, :k] = q
+    if per_block:
+        full = q
+    else:
+        full = zp[:, None].expand(n, blocks * block_size).clone()  # K padding: the zero point (value 0)
+        full[:, :k] = q
     if int(full.min()) < 0 or int(full.max()) > 15:
         raise ValueError("pack_nbits: codes do not fit 4 bits")
     packed = _pack_nibbles_rows(full).reshape(n, blocks, block_size // 2)
-    scales = scale.float().reshape(n, 1).expand(n, blocks).reshape(-1).contiguous()
-    zps = zp.reshape(n, 1).expand(n, blocks)
+    scales = scale.float().reshape(n, -1).expand(n, blocks).reshape(-1).contiguous()
+    zps = zp.reshape(n, -1).expand(n, blocks)
     if blocks % 2:
         zps = torch.cat([zps, torch.full((n, 1), 8, dtype=zps.dtype)], 1)
     return packed, scales, _pack_nibbles_rows(zps).reshape(-1)

@@ -8,6 +8,10 @@ which QwT needs (the same block with and without quantization). Quantized forwar
 then, for the q/k/v projections, the output quantizer. `fold_cwac_()` moves a and beta into the per-channel
 weight scale and the bias: `s_w,c <- a_c s_w,c`, `bias_c <- a_c bias_c + beta_c` (identical outputs, no extra
 parameters). Every quantized layer carries a bias (zeros if the float layer had none) so that beta can be folded.
+
+Block-wise weight scales (`PTQConfig.weight_block_size` = B, <= 4-bit Linear only): codes (N, K) with scales and
+zero points (N, K / B), `W_hat[n, k] = (W_int - z)[n, k] * s[n, k // B]` (the MatMulNBits format with block B);
+folding a CWAC scales every block of row n: `s[n, :] <- a_n s[n, :]`.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from torch import nn
 from thrifty.compress.quant.quantizers import (
     ActQuantizer,
     Log2Quantizer,
-    dequantize_per_channel,
+    dequantize_weight,
     eager,
     search_weight,
+    search_weight_blocks,
 )
+from thrifty.errors import ConfigError
 
 
 class QuantModule(nn.Module):
@@ -50,6 +56,7 @@ class _QuantWeightLayer(QuantModule):
         self.input_quantizer = ActQuantizer(1, observer_samples)
         self.output_quantizer = ActQuantizer(out_segments, observer_samples) if out_segments else None
         self.w_bits, self.weight_symmetric = 8, True
+        self.weight_block_size: int | None = None  # block scales (Linear, <= 4 bits); None: per output channel
         self.register_buffer("weight_codes", None)
         self.register_buffer("weight_scale", None)
         self.register_buffer("weight_zero_point", None)
@@ -72,7 +79,9 @@ class _QuantWeightLayer(QuantModule):
 
     def spec(self) -> dict[str, Any]:
         """What `prepare_for_loading` needs to rebuild this layer."""
+        block = {"weight_block_size": self.weight_block_size} if self.weight_block_size else {}
         return {
+            **block,
             "kind": self.kind,
             "w_bits": self.w_bits,
             "a_bits": self.a_bits,
@@ -82,22 +91,43 @@ class _QuantWeightLayer(QuantModule):
         }
 
     def quantize_weight_(
-        self, bits: int, symmetric: bool = True, percentiles=None, p: float = 2.0, half_scales: bool = False
+        self,
+        bits: int,
+        symmetric: bool = True,
+        percentiles=None,
+        p: float = 2.0,
+        half_scales: bool = False,
+        block_size: int | None = None,
     ) -> None:
         """Per-channel weight codes and scales (RepQ-ViT's percentile search with L_p error; `half_scales`: scales
-        rounded to float16 values, stored exactly in half the bytes by the ONNX export)."""
+        rounded to float16 values, stored exactly in half the bytes by the ONNX export). `block_size` (Linear,
+        bits <= 4; ignored otherwise): the same search per block of `block_size` inputs, scales (N, K / B)."""
         kwargs = {} if percentiles is None else {"percentiles": tuple(percentiles)}
-        codes, scale, zp = search_weight(self.weight.detach(), bits, symmetric, p=p, half_scales=half_scales, **kwargs)
-        self.w_bits, self.weight_symmetric = int(bits), bool(symmetric)
+        block = self._weight_block(bits, block_size)
+        if block:
+            codes, scale, zp = search_weight_blocks(
+                self.weight.detach(), bits, block, symmetric, p=p, half_scales=half_scales, **kwargs
+            )
+        else:
+            codes, scale, zp = search_weight(
+                self.weight.detach(), bits, symmetric, p=p, half_scales=half_scales, **kwargs
+            )
+        self.w_bits, self.weight_symmetric, self.weight_block_size = int(bits), bool(symmetric), block
         self.weight_codes, self.weight_scale, self.weight_zero_point = codes, scale, zp
+
+    def _weight_block(self, bits: int, block_size: int | None) -> int | None:
+        """The block length for this layer's weights, or None (per output channel)."""
+        return None
 
     def empty_like_converted_(self, spec: dict[str, Any]) -> None:
         """Allocate the converted buffers (values come from a state dict): used by `prepare_for_loading`."""
         self.w_bits, self.weight_symmetric = int(spec["w_bits"]), bool(spec["weight_symmetric"])
+        self.weight_block_size = self._weight_block(self.w_bits, spec.get("weight_block_size"))
         dtype = torch.int8 if self.weight_symmetric else torch.uint8
         c = self.weight.shape[0]
+        shape = (c, self.weight.shape[1] // self.weight_block_size) if self.weight_block_size else (c,)
         self.weight_codes = torch.zeros(self.weight.shape, dtype=dtype)
-        self.weight_scale, self.weight_zero_point = torch.ones(c), torch.zeros(c, dtype=dtype)
+        self.weight_scale, self.weight_zero_point = torch.ones(shape), torch.zeros(shape, dtype=dtype)
         self.input_quantizer.loaded_(spec["a_bits"])
         if self.output_quantizer is not None:
             self.output_quantizer.loaded_(spec["out_bits"])
@@ -118,21 +148,23 @@ class _QuantWeightLayer(QuantModule):
         if not self.packed:
             raise RuntimeError("fold_cwac_() needs a packed layer: the float path would see the folded bias")
         with torch.no_grad():
-            self.weight_scale = self.weight_scale * self.cwac_a
+            a = self.cwac_a[:, None] if self.weight_scale.dim() == 2 else self.cwac_a  # every block of row n
+            self.weight_scale = self.weight_scale * a
             self.bias.copy_(self.bias * self.cwac_a + self.cwac_beta)
         self.cwac_a, self.cwac_beta = None, None
 
     def weight_dequantized(self) -> torch.Tensor:
-        """(codes - z) * s per output channel. Eager runs reuse the last result while the codes, scale and zero
-        point are the same tensors, unmodified (their version counters): the same values without the per-forward
-        unpacking. Traced / exported runs always emit the `dequantize_per_channel` op."""
+        """(codes - z) * s per output channel (or per block). Eager runs reuse the last result while the codes,
+        scale and zero point are the same tensors, unmodified (their version counters): the same values without the
+        per-forward unpacking. Traced / exported runs always emit the `dequantize_per_channel` (or
+        `dequantize_blocks`) op."""
         codes, scale, zp = self.weight_codes, self.weight_scale, self.weight_zero_point
         if not eager(codes) or any(t.is_inference() for t in (codes, scale, zp)):  # no version counter to check
-            return dequantize_per_channel(codes, scale, zp)
+            return dequantize_weight(codes, scale, zp)
         key = tuple((t, t._version) for t in (codes, scale, zp))
         cached = self.__dict__.get("_dequantized")
         if cached is None or any(a is not b or va != vb for (a, va), (b, vb) in zip(cached[0], key, strict=True)):
-            cached = (key, dequantize_per_channel(codes, scale, zp))
+            cached = (key, dequantize_weight(codes, scale, zp))
             self.__dict__["_dequantized"] = cached
         return cached[1]
 
@@ -224,12 +256,24 @@ class QuantLinear(_QuantWeightLayer):
                 block,
                 level,
             )
-        if iq.mode != "quant" or iq.segments != 1:
+        if iq.mode != "quant" or iq.segments != 1 or self.weight_block_size:
             return None
         return qlinear(*self._int_args(x), iq.bits < 8)
 
     def _channel_view(self, v):
         return v
+
+    def _weight_block(self, bits, block_size):
+        if block_size is None or bits > 4:
+            return None
+        k = self.in_features
+        if block_size < 16 or block_size & (block_size - 1) or k % block_size:
+            raise ConfigError(
+                f"{getattr(self, '_thrifty_name', 'a Linear layer')}: weight_block_size={block_size} must be a "
+                f"power of 2 >= 16 dividing in_features={k}; pick one that divides it (e.g. "
+                f"{k & -k if k & -k >= 16 else 'none exists'}) or weight_block_size=None"
+            )
+        return int(block_size)
 
 
 class QuantConv2d(_QuantWeightLayer):

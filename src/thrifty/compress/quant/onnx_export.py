@@ -12,7 +12,8 @@ Deployment graph (thrifty.compress.quant.int_ops; each op's eager forward is the
 - embeddings: `Gather` on the int8 table and on the row scales, `Cast`, `Mul`; <= 4-bit tables with block scales:
   `com.microsoft.GatherBlockQuantized` on an INT4 table (thrifty.compress.quant.embedding);
 - Linear with <= 4-bit weights: `com.microsoft.MatMulNBits` (block-wise uint4 codes with zero point 8, every block
-  of a row carries the row's folded scale, so the block is as long as K allows: `nbits_block`), its input
+  of a row carries the row's folded scale, so the block is as long as K allows: `nbits_block`; with
+  `PTQConfig.weight_block_size` the layer's own block scales, block = weight_block_size), its input
   `QuantizeLinear` -> `DequantizeLinear` unless weight-only (a_bits=16); `accuracy_level=0` computes in float on
   the dequantized weights: exactly the simulation;
 - <= 4-bit Conv2d weights are stored as ONNX INT4 initializers for `DequantizeLinear` (no int4 conv kernel).
@@ -35,11 +36,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from thrifty.errors import ConfigError
+
 
 def _dequantize_onnx(codes, scale, zero_point):
     from onnxscript import opset21 as op
 
     return op.DequantizeLinear(codes, scale, zero_point, axis=0)
+
+
+def _dequantize_blocks_onnx(codes, scale, zero_point):
+    from onnxscript import opset21 as op
+
+    # blocked DequantizeLinear (opset 21): block length from the static shapes, K / number of scales per row
+    return op.DequantizeLinear(codes, scale, zero_point, axis=1, block_size=codes.shape[1] // scale.shape[1])
 
 
 def _fake_quant_onnx(x, scale, zero_point, lo, hi, axis: int):
@@ -85,7 +95,12 @@ def export_mode(model: nn.Module, int_kernels: bool = True, block_size: int | No
     skipped = _skip_requantized_outputs(model) if int_kernels else []
     qdq_convs = conv_qdq.begin_export(model) if int_kernels else []
     for m in nbits:
-        block = nbits_block(m.in_features, block_size)
+        block = m.weight_block_size or nbits_block(m.in_features, block_size)
+        if m.weight_block_size and block_size is not None and block_size != m.weight_block_size:
+            raise ConfigError(
+                f"export block_size={block_size} differs from the weights' block scales (weight_block_size="
+                f"{m.weight_block_size}); export with block_size=None"
+            )
         blobs = pack_nbits(m.weight_codes, m.weight_scale, m.weight_zero_point, m.weight_symmetric, block)
         for name, t in zip(("nbits_packed", "nbits_scales", "nbits_zero_points"), blobs, strict=True):
             m.register_buffer(name, t, persistent=False)
@@ -148,6 +163,7 @@ def export_onnx(
     model = model.eval()
     table = {
         torch.ops.thrifty.dequantize_per_channel.default: _dequantize_onnx,
+        torch.ops.thrifty.dequantize_blocks.default: _dequantize_blocks_onnx,
         torch.ops.thrifty.fake_quant_uint8.default: _fake_quant_onnx,
         **translation_table(),
         **conv_qdq_table(),

@@ -1,9 +1,10 @@
 """Base PTQ: prepare (swap Linear/Conv2d for observing quantized layers) -> calibration batches -> convert.
 
 convert: fold BatchNorm into the conv that feeds it (pairs seen during calibration), quantize weights per output
-channel, set every activation range by the percentile / L_p search, keep the first and last layers at
-`edge_bits`, and (with `pack`) drop the float weights. The converted structure is summarised in a JSON-able
-`spec`, from which `prepare_for_loading` rebuilds the same modules before a state dict is loaded.
+channel (or, with `weight_block_size`, per block of a <= 4-bit Linear row), set every activation range by the
+percentile / L_p search, keep the first and last layers at `edge_bits`, and (with `pack`) drop the float weights.
+The converted structure is summarised in a JSON-able `spec`, from which `prepare_for_loading` rebuilds the same
+modules before a state dict is loaded.
 
 Calibration state lives on the model (`model.thrifty_quant`, a plain dict) and in module attributes; hooks are
 module-level functions, so a prepared model can be deep-copied and converted more than once (e.g. at several
@@ -193,7 +194,12 @@ def convert_ptq_(model: nn.Module, config: PTQConfig, pack: bool | None = None) 
             w_bits = config.edge_bits if name in edges else config.w_bits
             a_bits = config.edge_bits if name in edges else config.a_bits
             layer.quantize_weight_(
-                w_bits, config.weight_symmetric, config.percentiles, config.lp_norm, config.half_params
+                w_bits,
+                config.weight_symmetric,
+                config.percentiles,
+                config.lp_norm,
+                config.half_params,
+                config.weight_block_size,
             )
             layer.input_quantizer.calibrate(a_bits, config.percentiles, config.lp_norm)
             layer.input_quantizer.drop_observations()

@@ -42,6 +42,27 @@ def _(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> tor
     return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
 
 
+@torch.library.custom_op("thrifty::dequantize_blocks", mutates_args=())
+def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Block-wise (codes - zero_point) * scale: codes (N, K) int8/uint8, scale float32 and zero_point (N, K / B),
+    one pair per block of B = K / scale.shape[1] consecutive values of a row (`PTQConfig.weight_block_size`)."""
+    n, g = scale.shape
+    q = codes.float().reshape(n, g, -1) - zero_point.float()[..., None]
+    return (q * scale[..., None]).reshape(codes.shape)
+
+
+@dequantize_blocks.register_fake
+def _(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Per output channel (scale (C,)) or per block along the input (scale (N, K / B), Linear weights only)."""
+    if scale.dim() == 2:
+        return dequantize_blocks(codes, scale, zero_point)
+    return dequantize_per_channel(codes, scale, zero_point)
+
+
 @torch.library.custom_op("thrifty::fake_quant_uint8", mutates_args=())
 def fake_quant_uint8(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, axis: int
@@ -182,6 +203,23 @@ def search_weight(
     codes = torch.clamp(torch.round(flat / scale[:, None]) + zp[:, None], qmin, qmax)
     dtype = torch.int8 if symmetric else torch.uint8
     return codes.reshape(w.shape).to(dtype), scale, zp.to(dtype)
+
+
+def search_weight_blocks(
+    w: torch.Tensor,
+    bits: int,
+    block_size: int,
+    symmetric: bool = True,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    p: float = 2.0,
+    half_scales: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block-wise weight quantization: `search_weight` on every block of `block_size` values along a row.
+    w (N, K), K a multiple of B -> codes (N, K), scale (N, K / B), zero_point (N, K / B)."""
+    n, k = w.shape
+    blocks = w.reshape(n * k // block_size, block_size)
+    codes, scale, zp = search_weight(blocks, bits, symmetric, percentiles, p, half_scales)
+    return codes.reshape(n, k), scale.reshape(n, -1), zp.reshape(n, -1)
 
 
 # --- observer -----------------------------------------------------------------------------------------------------

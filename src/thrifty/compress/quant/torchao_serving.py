@@ -147,6 +147,11 @@ def _folded(layer: _QuantWeightLayer) -> tuple[torch.Tensor, torch.Tensor, torch
     """(codes, zero point, scale, bias) with any unfolded CWAC applied: s <- a s, bias <- a bias + beta."""
     if not layer.converted:
         raise ConfigError("to_torchao_ needs a converted quantized model (quantize_ with step='convert' first)")
+    if layer.weight_block_size:
+        raise ConfigError(
+            "to_torchao_ takes per-channel weight scales; this model has block scales (weight_block_size="
+            f"{layer.weight_block_size}): quantize with weight_block_size=None, or deploy it through the ONNX export"
+        )
     scale, bias = layer.weight_scale.float(), layer.bias.detach().float()
     if layer.cwac_a is not None:
         scale, bias = scale * layer.cwac_a, bias * layer.cwac_a + layer.cwac_beta
