@@ -126,3 +126,17 @@ def export_embedding_lookup(q: nn.Module, ids: torch.Tensor, path: str) -> str:
             m, (ids,), path, dynamo=True, opset_version=21, custom_translation_table=table, input_names=["x"]
         )
     return path
+
+
+def quantized_tiny(make, config) -> tuple:
+    """A tiny tuned model of backbone `make()` quantized with (a copy of) `config` on its seeded batches;
+    returns (model, batches)."""
+    import copy
+
+    from thrifty.compress import quantize_
+
+    bb = make()
+    model = tuned(bb)
+    data = batches(bb)
+    quantize_(model, copy.deepcopy(config), calib_data=data)
+    return model, data

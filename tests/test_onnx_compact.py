@@ -2,7 +2,6 @@
 scales, and the lossless compaction of the exported graph (the engine computes the same values)."""
 
 import collections
-import copy
 
 import numpy as np
 import onnx
@@ -11,8 +10,8 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from _ptq_models import batches, export_embedding_lookup, ptq_bert, tuned
-from thrifty.compress import PTQConfig, quantize_
+from _ptq_models import export_embedding_lookup, ptq_bert, quantized_tiny
+from thrifty.compress import PTQConfig
 from thrifty.compress.quant.embedding import QuantEmbedding, gather_blocks, table_block
 from thrifty.compress.quant.onnx_export import export_onnx, finalize_onnx_, nbits_block, ort_feed
 from thrifty.compress.quant.quantizers import half_representable, search_weight
@@ -90,18 +89,10 @@ def test_int4_block_embedding_matches_onnxruntime_and_takes_half_a_byte_per_valu
     np.testing.assert_array_equal(out, ref_table[ids].numpy())  # bit-exact
 
 
-def _tiny_bert(config):
-    bb = ptq_bert()
-    model = tuned(bb)
-    data = batches(bb)
-    quantize_(model, copy.deepcopy(config), calib_data=data)
-    return model, data
-
-
 @pytest.mark.parametrize("bits", [(8, 8), (4, 16)])
 def test_compaction_is_lossless_and_the_simulation_matches_onnxruntime(bits, tmp_path):
     w, a = bits
-    model, data = _tiny_bert(PTQConfig(w_bits=w, a_bits=a, softmax_quantizer="uniform"))
+    model, data = quantized_tiny(ptq_bert, PTQConfig(w_bits=w, a_bits=a, softmax_quantizer="uniform"))
     words = [m for m in model.modules() if isinstance(m, QuantEmbedding)]
     assert words and all(m.bits == (4 if w == 4 else 8) for m in words)  # auto: 4-bit tables with 4-bit weights
     plain = export_onnx(model, str(tmp_path / "plain.onnx"), data[0], compact=False)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from _ptq_models import batches, export_embedding_lookup, ptq_bert, ptq_cnn, tuned
-from thrifty.compress import PTQConfig, QwTV2Config, quantize_
+from _ptq_models import export_embedding_lookup, ptq_bert, ptq_cnn, quantized_tiny
+from thrifty.compress import PTQConfig, QwTV2Config
 from thrifty.compress.quant.embedding import QuantEmbedding
 from thrifty.compress.quant.int_ops import gather_rows, matmul_nbits, pack_nbits, unpack_nbits
 from thrifty.compress.quant.layers import QuantLinear
@@ -33,18 +33,10 @@ def optimized(path: str, tmp_path) -> tuple[ort.InferenceSession, collections.Co
     return sess, collections.Counter(n.op_type for n in model.graph.node), model
 
 
-def _quantized(make, config):
-    bb = make()
-    model = tuned(bb)
-    data = batches(bb)
-    quantize_(model, copy.deepcopy(config), calib_data=data)
-    return model, data
-
-
 @pytest.mark.parametrize("qwt_v2", [False, True])
 def test_tiny_transformer_runs_integer_kernels_and_matches_per_sample(qwt_v2, tmp_path):
     base = PTQConfig(w_bits=8, a_bits=8, softmax_quantizer="uniform")
-    model, data = _quantized(ptq_bert, QwTV2Config(base_config=base) if qwt_v2 else base)
+    model, data = quantized_tiny(ptq_bert, QwTV2Config(base_config=base) if qwt_v2 else base)
     path = export_onnx(model, str(tmp_path / "model.onnx"), data[0])
     sess, ops, opt_model = optimized(path, tmp_path)
     assert not FLOAT_MATMULS & set(ops), ops  # no float MatMul / Gemm survives onnxruntime's optimization
@@ -68,7 +60,7 @@ def test_tiny_transformer_runs_integer_kernels_and_matches_per_sample(qwt_v2, tm
 
 
 def test_cnn_runs_conv_integer_and_matches(tmp_path):
-    model, data = _quantized(ptq_cnn, PTQConfig(w_bits=8, a_bits=8))
+    model, data = quantized_tiny(ptq_cnn, PTQConfig(w_bits=8, a_bits=8))
     path = export_onnx(model, str(tmp_path / "model.onnx"), data[0])
     sess, ops, _ = optimized(path, tmp_path)
     assert not FLOAT_MATMULS & set(ops), ops
@@ -155,7 +147,7 @@ def test_matmul_nbits_packing_round_trips_and_matches_onnxruntime(symmetric, k, 
 
 def test_qwt_v2_folded_into_int4_block_scales_equals_unfolded():
     base = PTQConfig(w_bits=4, a_bits=16, embedding_bits=None)
-    unfolded, data = _quantized(ptq_bert, QwTV2Config(base_config=base, fold=False))
+    unfolded, data = quantized_tiny(ptq_bert, QwTV2Config(base_config=base, fold=False))
     layers = [m for m in unfolded.modules() if isinstance(m, QuantLinear) and m.w_bits == 4]
     assert layers and all(m.cwac_a is not None for m in layers)
     assert any(float((m.cwac_a - 1).abs().max()) > 1e-3 for m in layers)  # CWAC really changes something

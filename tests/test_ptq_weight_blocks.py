@@ -9,21 +9,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from _ptq_models import batches, ptq_bert, tuned
+from _ptq_models import ptq_bert, quantized_tiny
 from thrifty.backbones import BackboneSpec
-from thrifty.compress import PTQConfig, QwTV2Config, load_quantized, make_quant_config, quantize_, save_quantized
+from thrifty.compress import PTQConfig, QwTV2Config, load_quantized, make_quant_config, save_quantized
 from thrifty.compress.quant.layers import QuantLinear
 from thrifty.compress.quant.onnx_export import export_onnx, ort_feed
 from thrifty.compress.quant.quantizers import search_weight, search_weight_blocks
 from thrifty.errors import ConfigError
-
-
-def _quantized(config):
-    bb = ptq_bert()
-    model = tuned(bb)
-    data = batches(bb)
-    quantize_(model, copy.deepcopy(config), calib_data=data)
-    return model, data
 
 
 def _block_layers(model):
@@ -58,7 +50,7 @@ def test_config_and_layer_checks():
         PTQConfig(w_bits=8, a_bits=8, weight_block_size=128)
     assert PTQConfig(w_bits=4, a_bits=16).weight_block_size is None
     with pytest.raises(ConfigError, match="in_features=32"):  # the tiny BERT's hidden size is 32
-        _quantized(PTQConfig(w_bits=4, a_bits=16, weight_block_size=64))
+        quantized_tiny(ptq_bert, PTQConfig(w_bits=4, a_bits=16, weight_block_size=64))
     from thrifty.cli.quantize import quant_options
 
     assert quant_options("ptq", {"weight_block_size": "128"}) == {"weight_block_size": 128}
@@ -69,7 +61,7 @@ def test_config_and_layer_checks():
 @pytest.mark.parametrize(("a_bits", "symmetric"), [(16, True), (8, True), (16, False)])
 def test_block_scales_match_onnxruntime_matmul_nbits_per_sample(a_bits, symmetric, tmp_path):
     cfg = PTQConfig(w_bits=4, a_bits=a_bits, weight_symmetric=symmetric, weight_block_size=16, embedding_bits=None)
-    model, data = _quantized(cfg)
+    model, data = quantized_tiny(ptq_bert, cfg)
     layers = _block_layers(model)
     assert layers and all(m.weight_scale.shape == (m.out_features, m.in_features // 16) for m in layers)
     assert all(m.weight_zero_point.shape == m.weight_scale.shape for m in layers)
@@ -90,7 +82,7 @@ def test_block_scales_match_onnxruntime_matmul_nbits_per_sample(a_bits, symmetri
 
 def test_qwt_v2_affine_folds_into_block_scales():
     base = PTQConfig(w_bits=4, a_bits=16, embedding_bits=None, weight_block_size=16)
-    unfolded, data = _quantized(QwTV2Config(base_config=base, fold=False))
+    unfolded, data = quantized_tiny(ptq_bert, QwTV2Config(base_config=base, fold=False))
     layers = _block_layers(unfolded)
     assert layers and any(float((m.cwac_a - 1).abs().max()) > 1e-3 for m in layers)
     folded = copy.deepcopy(unfolded)
@@ -109,7 +101,7 @@ def test_qwt_v2_affine_folds_into_block_scales():
 @pytest.mark.parametrize("method", ["ptq", "qwt_v2"])
 def test_block_scales_save_load_bit_exact(method, tmp_path, monkeypatch):
     base = PTQConfig(w_bits=4, a_bits=8, weight_block_size=16)
-    model, data = _quantized(base if method == "ptq" else QwTV2Config(base_config=base))
+    model, data = quantized_tiny(ptq_bert, base if method == "ptq" else QwTV2Config(base_config=base))
     save_quantized(model, str(tmp_path), backbone=BackboneSpec("unused"))
     from thrifty.compress.quant import serialize
 
@@ -129,7 +121,7 @@ def test_block_scales_save_load_bit_exact(method, tmp_path, monkeypatch):
 
 
 def test_block_scales_plain_qdq_export_is_a_blocked_dequantize_linear(tmp_path):
-    model, data = _quantized(PTQConfig(w_bits=4, a_bits=8, weight_block_size=16, embedding_bits=None))
+    model, data = quantized_tiny(ptq_bert, PTQConfig(w_bits=4, a_bits=8, weight_block_size=16, embedding_bits=None))
     path = export_onnx(model, str(tmp_path / "qdq.onnx"), data[0], int_kernels=False)
     blocked = [
         n
