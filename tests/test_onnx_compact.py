@@ -14,7 +14,7 @@ from _ptq_models import export_embedding_lookup, ptq_bert, quantized_tiny
 from thrifty.compress import PTQConfig
 from thrifty.compress.quant.embedding import QuantEmbedding, gather_blocks, table_block
 from thrifty.compress.quant.onnx_export import export_onnx, finalize_onnx_, nbits_block, ort_feed
-from thrifty.compress.quant.quantizers import half_representable, search_weight
+from thrifty.compress.quant.weights import half_representable, search_weight
 from thrifty.errors import ConfigError
 
 

@@ -17,7 +17,7 @@ from thrifty.compress.quant.embedding import QuantEmbedding
 from thrifty.compress.quant.int_ops import gather_rows, matmul_nbits, pack_nbits, unpack_nbits
 from thrifty.compress.quant.layers import QuantLinear
 from thrifty.compress.quant.onnx_export import export_mode, export_onnx, ort_feed
-from thrifty.compress.quant.quantizers import dequantize_per_channel, search_weight
+from thrifty.compress.quant.weights import dequantize_per_channel, search_weight
 
 
 FLOAT_MATMULS = {"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Conv", "FusedConv"}

@@ -6,8 +6,9 @@ from hypothesis import strategies as st
 
 from thrifty.compress.calibration import check_step
 from thrifty.compress.quant.config import PTQConfig, make_quant_config, parse_bits
-from thrifty.compress.quant.quantizers import ActQuantizer, Log2Quantizer, search_weight, weight_range
+from thrifty.compress.quant.quantizers import ActQuantizer, Log2Quantizer
 from thrifty.compress.quant.serialize import _pack_nibbles, _unpack_nibbles
+from thrifty.compress.quant.weights import search_weight, weight_range
 from thrifty.errors import ConfigError
 
 

@@ -14,7 +14,7 @@ from thrifty.backbones import BackboneSpec
 from thrifty.compress import PTQConfig, QwTV2Config, load_quantized, make_quant_config, save_quantized
 from thrifty.compress.quant.layers import QuantLinear
 from thrifty.compress.quant.onnx_export import export_onnx, ort_feed
-from thrifty.compress.quant.quantizers import search_weight, search_weight_blocks
+from thrifty.compress.quant.weights import search_weight, search_weight_blocks
 from thrifty.errors import ConfigError
 
 

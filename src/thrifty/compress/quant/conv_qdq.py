@@ -104,7 +104,7 @@ def quant_bias(layer: QuantConv2d) -> torch.Tensor:
 
 def qdq_forward(layer: QuantConv2d, x: torch.Tensor) -> torch.Tensor:
     """The export form: [Q -> DQ] -> Pad -> Conv(DQ(W), DQ(int32 bias)) -> [Q -> DQ]."""
-    from thrifty.compress.quant.quantizers import dequantize_per_channel
+    from thrifty.compress.quant.weights import dequantize_per_channel
 
     iq = layer.input_quantizer
     if not layer.input_shared:

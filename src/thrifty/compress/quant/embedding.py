@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from thrifty.compress.quant.layers import QuantModule
-from thrifty.compress.quant.quantizers import eager, search_weight
+from thrifty.compress.quant.quantizers import eager
+from thrifty.compress.quant.weights import search_weight, search_weight_blocks
 
 
 class QuantEmbedding(QuantModule):
@@ -53,15 +54,14 @@ class QuantEmbedding(QuantModule):
         """Codes and scales: per block (`table_block(D, block_size)`) at <= 4 bits where such a block exists,
         else per row. `half_scales`: scales rounded to float16 values (stored exactly in float16 by the export)."""
         kwargs = {} if percentiles is None else {"percentiles": tuple(percentiles)}
-        v, d = self.num_embeddings, self.embedding_dim
-        block = table_block(d, block_size) if bits <= 4 else 0
+        block = table_block(self.embedding_dim, block_size) if bits <= 4 else 0
         w = self.weight.detach()
-        codes, scale, _ = search_weight(
-            w.reshape(v * d // block, block) if block else w, bits, True, p=p, half_scales=half_scales, **kwargs
-        )
+        if block:
+            codes, scale, _ = search_weight_blocks(w, bits, block, True, p=p, half_scales=half_scales, **kwargs)
+        else:
+            codes, scale, _ = search_weight(w, bits, True, p=p, half_scales=half_scales, **kwargs)
         self.bits, self.block_size = int(bits), block
-        self.weight_codes = codes.reshape(v, d)
-        self.weight_scale = scale.reshape(v, d // block) if block else scale
+        self.weight_codes, self.weight_scale = codes, scale
 
     def empty_like_converted_(self, spec: dict[str, Any]) -> None:
         self.bits, self.block_size = int(spec["bits"]), int(spec.get("block_size", 0))

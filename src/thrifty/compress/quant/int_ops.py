@@ -24,7 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from thrifty.compress.quant.quantizers import dequantize_per_channel, fake_quant_uint8
+from thrifty.compress.quant.quantizers import fake_quant_uint8
+from thrifty.compress.quant.weights import dequantize_per_channel
 
 
 # --- simulation (eager) -------------------------------------------------------------------------------------------

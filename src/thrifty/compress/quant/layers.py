@@ -24,14 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thrifty.compress.quant.quantizers import (
-    ActQuantizer,
-    Log2Quantizer,
-    dequantize_weight,
-    eager,
-    search_weight,
-    search_weight_blocks,
-)
+from thrifty.compress.quant.quantizers import ActQuantizer, Log2Quantizer, eager
+from thrifty.compress.quant.weights import dequantize_weight, search_weight, search_weight_blocks
 from thrifty.errors import ConfigError
 
 
