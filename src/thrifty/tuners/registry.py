@@ -65,3 +65,17 @@ def model_from_record(backbone, record: dict[str, Any]):
     return get_tuned_model(
         backbone, config_cls.from_dict(keep), record["num_classes"], objective=record.get("objective")
     )
+
+
+def load_frozen_(model, tensors: dict[str, Any], directory: str):
+    """`tensors` loaded into the rebuilt `model` (strict; CheckpointError naming `directory` when they do not
+    fit), every parameter frozen; returns `model`."""
+    from thrifty.errors import CheckpointError
+
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{directory}: saved tensors do not fit the rebuilt model ({exc})") from exc
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

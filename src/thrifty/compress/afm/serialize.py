@@ -57,7 +57,7 @@ def save_afm(model: nn.Module, directory: str, *, backbone: BackboneSpec | None 
 
 def load_afm(directory: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the architecture, the factorized structure, then load the saved tensors (strict)."""
-    from thrifty.tuners.registry import model_from_record
+    from thrifty.tuners.registry import load_frozen_, model_from_record
 
     info = read_json(os.path.join(directory, MANIFEST))
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
@@ -78,11 +78,6 @@ def load_afm(directory: str, device: str | torch.device = "cpu") -> tuple[nn.Mod
     except ConfigError as exc:
         raise CheckpointError(f"{directory}: {exc}") from exc
     tensors = load_tensors(os.path.join(directory, WEIGHTS))
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{directory}: saved tensors do not fit the rebuilt model ({exc})") from exc
-    for p in model.parameters():
-        p.requires_grad_(False)
+    load_frozen_(model, tensors, directory)
     object.__setattr__(model, "thrifty_compress", {k: info[k] for k in ("config", "structure", "summary")})
     return model.to(device).eval(), info

@@ -96,7 +96,7 @@ def save_quantized(
 
 def load_quantized(directory: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the float architecture, the quantized structure, then load the saved tensors (strict)."""
-    from thrifty.tuners.registry import model_from_record
+    from thrifty.tuners.registry import load_frozen_, model_from_record
 
     info = read_json(os.path.join(directory, CONFIG_NAME))
     version = info.get("format_version") if isinstance(info, dict) else None
@@ -119,13 +119,7 @@ def load_quantized(directory: str, device: str | torch.device = "cpu") -> tuple[
         key = f"{name}.weight_codes"
         if key + NIBBLE in tensors:
             tensors[key] = _unpack_nibbles(tensors.pop(key + NIBBLE), layer.weight_codes, layer.weight_symmetric)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{directory}: saved tensors do not fit the rebuilt model ({exc})") from exc
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to(device).eval(), info
+    return load_frozen_(model, tensors, directory).to(device).eval(), info
 
 
 def size_report(model: nn.Module) -> dict[str, Any]:
