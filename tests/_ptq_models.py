@@ -140,3 +140,15 @@ def quantized_tiny(make, config) -> tuple:
     data = batches(bb)
     quantize_(model, copy.deepcopy(config), calib_data=data)
     return model, data
+
+
+def tuned_bert() -> tuple:
+    """The tiny tuned BERT classifier (float) and its seeded batches."""
+    bb = ptq_bert()
+    return tuned(bb), batches(bb)
+
+
+def stacked_logits(model, data) -> torch.Tensor:
+    """model's logits on every batch of `data`, concatenated (no grad)."""
+    with torch.no_grad():
+        return torch.cat([model(x) for x in data])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from _ctr_models import SCHEMA, tiny_batches, tiny_ctr
+from _dist import torchrun
 from conftest import require_asset
 from thrifty.backbones.ctr import FactorizedEmbedding
 from thrifty.compress import compress_, load_compressed
@@ -260,12 +260,6 @@ def test_minilm_style_encoder_targets_skip_padding(tiny_bert_dir):
     assert isinstance(bb.model.encoder.layer[0].intermediate.dense, LowRankLinear)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("rule", [{"rank": 6, "embed_rank": 3}, {"budget": 0.4, "allocation": "sensitivity"}])
 def test_two_gloo_processes_give_the_factors_of_one(tmp_path, rule):
     worker = os.path.join(os.path.dirname(__file__), "_afm_dist_worker.py")
@@ -275,18 +269,7 @@ def test_two_gloo_processes_give_the_factors_of_one(tmp_path, rule):
         [sys.executable, worker, str(tmp_path / "one"), arg], env=env, capture_output=True, text=True, timeout=600
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        worker,
-        str(tmp_path / "two"),
-        arg,
-    ]
+    cmd = [*torchrun(2), worker, str(tmp_path / "two"), arg]
     two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     from safetensors.torch import load_file

@@ -218,16 +218,13 @@ def _cli_btm(out, *extra):
 @pytest.mark.slow  # two torchrun processes (~1 min on a busy 2-core box): run with -m slow
 def test_torchrun_ranks_split_the_subsets_and_equal_one_process(tmp_path):
     import os
-    import socket
     import subprocess
     import sys
 
+    from _dist import torchrun
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    dist = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    r = subprocess.run(dist + _cli_btm(tmp_path / "ddp"), env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(torchrun(2) + _cli_btm(tmp_path / "ddp"), env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     # the same subsets fine-tuned in one process from the torchrun stage 1: bit-identical subset, merged, final
     one = [sys.executable, *_cli_btm(tmp_path / "one", "--theta0", str(tmp_path / "ddp" / "stage1"))]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from _ptq_models import batches, ptq_bert, tuned
+from _ptq_models import stacked_logits, tuned_bert
 from thrifty.compress import PTQConfig, QwTV2Config, quantize_
 from thrifty.compress.quant import QuantLinear
 from thrifty.compress.quant.qwt_v2 import NORM_AFFINE_ATTR
@@ -16,13 +16,7 @@ from thrifty.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def bert():
-    bb = ptq_bert()
-    return tuned(bb), batches(bb)
-
-
-def _logits(model, data):
-    with torch.no_grad():
-        return torch.cat([model(x) for x in data])
+    return tuned_bert()
 
 
 def test_skip_modules_leaves_layers_unfitted(bert):
@@ -58,8 +52,8 @@ def test_layernorm_affine_is_fitted_folded_and_helps(bert):
     changed = [n for n in norms if not torch.equal(sd_a[n + ".weight"], sd_b[n + ".weight"])]
     assert changed
     assert all(e["sse_after"] <= e["sse_before"] * (1 + 1e-6) + 1e-9 for e in log)
-    ref = _logits(model, data)
-    err = lambda q: float((_logits(q, data) - ref).norm() / ref.norm())  # noqa: E731
+    ref = stacked_logits(model, data)
+    err = lambda q: float((stacked_logits(q, data) - ref).norm() / ref.norm())  # noqa: E731
     assert err(with_ln) < 1.5 * err(plain)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from _ptq_models import batches, ptq_bert, tuned
+from _ptq_models import stacked_logits, tuned_bert
 from thrifty.compress import PTQConfig, QwTConfig, QwTV2Config, quantize_
 from thrifty.compress.quant import QuantLinear
 from thrifty.compress.quant.torchao_serving import (
@@ -29,13 +29,7 @@ FLOAT_ATTN = {"qkv_quant": False, "softmax_quant": False}  # the serving path ru
 
 @pytest.fixture(scope="module")
 def bert():
-    bb = ptq_bert()
-    return tuned(bb), batches(bb)
-
-
-def _logits(model, data):
-    with torch.no_grad():
-        return torch.cat([model(x) for x in data])
+    return tuned_bert()
 
 
 def _rel(a, b):
@@ -63,12 +57,12 @@ def test_int8_static_equals_the_simulation(bert, method):
     base = PTQConfig(w_bits=8, a_bits=8, **FLOAT_ATTN)
     cfg = base if method == "ptq" else QwTV2Config(base_config=base)
     q = _quantized(model, data, cfg)
-    ref = _logits(q, data)
+    ref = stacked_logits(q, data)
     served = copy.deepcopy(q)
     counts = to_torchao_(served, TorchaoServingConfig(mode="int8_static"))
     assert counts["linear"] == sum(isinstance(m, QuantLinear) for m in q.modules())
     assert not any(isinstance(m, QuantLinear) for m in served.modules())
-    out = _logits(served, data)
+    out = stacked_logits(served, data)
     # same integer weights, same activation grid: only float summation order (and rare round-half ties) differ
     assert _rel(out, ref) < 1e-4
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
@@ -82,16 +76,16 @@ def test_int8_dynamic_is_torchao_int8_and_close(bert):
     lin = next(m for m in served.modules() if isinstance(m, ServingLinear))
     assert type(lin.weight).__name__ == "Int8Tensor" and lin.weight.qdata.dtype == torch.int8
     # per-token dynamic activations vs thrifty's static per-tensor ones: close, not equal
-    assert _rel(_logits(served, data), _logits(_weight_only(q), data)) < 0.03
+    assert _rel(stacked_logits(served, data), stacked_logits(_weight_only(q), data)) < 0.03
 
 
 def test_qwt_branch_is_kept(bert):
     model, data = bert
     q = _quantized(model, data, QwTConfig(base_config=PTQConfig(w_bits=8, a_bits=8, **FLOAT_ATTN)))
-    ref = _logits(q, data)
+    ref = stacked_logits(q, data)
     served = copy.deepcopy(q)
     to_torchao_(served, TorchaoServingConfig(mode="int8_static"))
-    assert _rel(_logits(served, data), ref) < 1e-4
+    assert _rel(stacked_logits(served, data), ref) < 1e-4
 
 
 def test_int4_weight_only_folds_cwac_into_groups_exactly(bert):
@@ -113,7 +107,7 @@ def test_int4_weight_only_folds_cwac_into_groups_exactly(bert):
         assert isinstance(got, Int4Linear)
         torch.testing.assert_close(got.dequantized(), w, rtol=1e-5, atol=1e-7)  # packing round trip + fold
     folded = _quantized(model, data, QwTV2Config(base_config=base))
-    out, ref = _logits(served, data), _logits(_weight_only(folded), data)
+    out, ref = stacked_logits(served, data), stacked_logits(_weight_only(folded), data)
     assert _rel(out, ref) < 0.02  # bfloat16 activations
 
 
@@ -140,17 +134,17 @@ def test_state_dict_bytes_shrink(bert):
             assert serving_bytes(x) == x.out_features * (x.in_features // 2 + 8 * groups + 4)
     emb = sum(x.weight.numel() for x in model.modules() if isinstance(x, nn.Embedding))
     assert serving_bytes(q8) < serving_bytes(model) - 2.5 * (emb + weights)
-    torch.testing.assert_close(_logits(q8, data), _logits(q8, data))
+    torch.testing.assert_close(stacked_logits(q8, data), stacked_logits(q8, data))
 
 
 def test_float_model_rtn_paths(bert):
     model, data = bert
-    ref = _logits(model, data)
+    ref = stacked_logits(model, data)
     for mode, tol in (("int8_dynamic", 0.03), ("int4_weight_only", 0.2)):
         m = copy.deepcopy(model)
         n = quantize_float_linears_(m, TorchaoServingConfig(mode=mode, group_size=32))["linear"]
         assert n == sum(type(x) is nn.Linear for x in model.modules())
-        assert _rel(_logits(m, data), ref) < tol
+        assert _rel(stacked_logits(m, data), ref) < tol
     lin = nn.Linear(64, 16)
     m = nn.Sequential(lin)
     quantize_float_linears_(m, TorchaoServingConfig(mode="int4_weight_only", group_size=32))
@@ -182,6 +176,6 @@ def test_int8_dynamic_torch_keeps_thrifty_codes(bert):
         got = served.get_submodule(n).weight()  # the qint8 per-channel weight fbgemm multiplies by
         assert torch.equal(got.int_repr(), m.weight_codes)
         torch.testing.assert_close(got.q_per_channel_scales().float(), m.weight_scale * m.cwac_a)  # CWAC folded
-    assert _rel(_logits(served, data), _logits(_weight_only(q), data)) < 0.03
+    assert _rel(stacked_logits(served, data), stacked_logits(_weight_only(q), data)) < 0.03
     linear = sum(x.weight.numel() for x in model.modules() if isinstance(x, nn.Linear))
     assert serving_bytes(served) < serving_bytes(model) - 2.5 * linear

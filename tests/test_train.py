@@ -1,6 +1,5 @@
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -9,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _dist import torchrun
 from conftest import TINY_TRAIN
 from thrifty.data import load_data
 from thrifty.data.sampler import GlobalBatchSampler
@@ -118,12 +118,6 @@ def _cli(*args, env=None):
 TRAIN_ARGS = [*TINY_TRAIN, "--method", "lora", "--set", "r=2", "--no-peak-memory"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
@@ -136,13 +130,7 @@ def test_ddp_two_cpu_processes_match_single_process(tmp_path):
     assert single.returncode == 0, single.stderr[-2000:]
     ddp = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
+            *torchrun(2),
             "-m",
             "thrifty.cli.main",
             *TRAIN_ARGS,
