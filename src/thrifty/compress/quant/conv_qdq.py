@@ -37,6 +37,7 @@ from torch import nn
 
 from thrifty.compress.quant.layers import QuantConv2d, QuantModule
 from thrifty.compress.quant.quantizers import ActQuantizer, fake_quant
+from thrifty.compress.quant.weights import dequantize_per_channel
 
 
 ACTS = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
@@ -104,8 +105,6 @@ def quant_bias(layer: QuantConv2d) -> torch.Tensor:
 
 def qdq_forward(layer: QuantConv2d, x: torch.Tensor) -> torch.Tensor:
     """The export form: [Q -> DQ] -> Pad -> Conv(DQ(W), DQ(int32 bias)) -> [Q -> DQ]."""
-    from thrifty.compress.quant.weights import dequantize_per_channel
-
     iq = layer.input_quantizer
     if not layer.input_shared:
         x = qdq_u8(x, iq.scale[0], iq.zero_point[0])
